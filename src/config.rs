@@ -1,0 +1,170 @@
+//! Command-line and environment configuration, validated into typed values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::domain::Limits;
+use crate::store::sled::Durability;
+
+/// The idempotency coordinator: API instances claim idempotency keys here, and the stored
+/// response of each key's mutation is replayed to every retry.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Config {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "IDEMPOTENCY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory of the embedded store; created if missing. Only one server may use it at a time.
+    #[arg(long, env = "IDEMPOTENCY_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// When a reply may report a change. strict: after it is fdatasync'ed (survives kill -9 and
+    /// power loss); relaxed: at once, written out within 500 ms (a crash may lose that much).
+    #[arg(long, env = "IDEMPOTENCY_DURABILITY", value_enum, default_value = "strict")]
+    pub durability: Durability,
+
+    /// Claims of new keys fail with RESOURCE_EXHAUSTED STORE_FULL once this many records are
+    /// stored (expired records count until the sweeper deletes them).
+    #[arg(long, env = "IDEMPOTENCY_MAX_RECORDS", default_value_t = 10_000_000)]
+    pub max_records: u64,
+
+    /// Largest response (body plus metadata keys and values) Complete accepts, in bytes.
+    #[arg(long, env = "IDEMPOTENCY_MAX_RESPONSE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_response_bytes: usize,
+
+    /// Lease granted when a Claim or Renew leaves lease_ttl unset.
+    #[arg(long, env = "IDEMPOTENCY_DEFAULT_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub default_lease_ttl: Duration,
+
+    /// Shortest lease_ttl accepted.
+    #[arg(long, env = "IDEMPOTENCY_MIN_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "100ms")]
+    pub min_lease_ttl: Duration,
+
+    /// Longest lease_ttl accepted.
+    #[arg(long, env = "IDEMPOTENCY_MAX_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "1h")]
+    pub max_lease_ttl: Duration,
+
+    /// How long a key is remembered after its last change when the Claim leaves retention unset.
+    #[arg(long, env = "IDEMPOTENCY_DEFAULT_RETENTION", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub default_retention: Duration,
+
+    /// Shortest retention accepted.
+    #[arg(long, env = "IDEMPOTENCY_MIN_RETENTION", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub min_retention: Duration,
+
+    /// Longest retention accepted.
+    #[arg(long, env = "IDEMPOTENCY_MAX_RETENTION", value_parser = humantime::parse_duration, default_value = "30days")]
+    pub max_retention: Duration,
+
+    /// Longest wait a Claim may ask for.
+    #[arg(long, env = "IDEMPOTENCY_MAX_WAIT", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub max_wait: Duration,
+
+    /// How often the sweeper deletes records whose retention ended.
+    #[arg(long, env = "IDEMPOTENCY_SWEEP_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub sweep_interval: Duration,
+
+    /// How many index entries the sweeper handles per batch before yielding to other work.
+    #[arg(long, env = "IDEMPOTENCY_SWEEP_BATCH", default_value_t = 500)]
+    pub sweep_batch: usize,
+
+    /// sled's page cache, in MiB.
+    #[arg(long, env = "IDEMPOTENCY_CACHE_MB", default_value_t = 256)]
+    pub cache_mb: u64,
+
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before the server exits.
+    #[arg(long, env = "IDEMPOTENCY_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
+
+    /// Log format on stderr; the level is set by RUST_LOG (default: info).
+    #[arg(long, env = "IDEMPOTENCY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A configuration that contradicts itself.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// The request bounds, checked for consistency.
+    pub fn limits(&self) -> Result<Limits, ConfigError> {
+        let limits = Limits {
+            min_lease_ttl: self.min_lease_ttl,
+            max_lease_ttl: self.max_lease_ttl,
+            default_lease_ttl: self.default_lease_ttl,
+            min_retention: self.min_retention,
+            max_retention: self.max_retention,
+            default_retention: self.default_retention,
+            max_wait: self.max_wait,
+            max_response_bytes: self.max_response_bytes,
+        };
+        let ordered = |name: &str, min: Duration, default: Duration, max: Duration| {
+            if min.is_zero() || min > default || default > max {
+                Err(ConfigError(format!("{name}: need 0 < min ({min:?}) <= default ({default:?}) <= max ({max:?})")))
+            } else {
+                Ok(())
+            }
+        };
+        ordered("lease ttl", limits.min_lease_ttl, limits.default_lease_ttl, limits.max_lease_ttl)?;
+        ordered("retention", limits.min_retention, limits.default_retention, limits.max_retention)?;
+        if self.sweep_interval.is_zero() || self.sweep_batch == 0 {
+            return Err(ConfigError("sweep interval and sweep batch must be above zero".to_owned()));
+        }
+        Ok(limits)
+    }
+
+    /// The configuration with every default, serving on `listen` with data in `data_dir`.
+    pub fn for_tests(listen: SocketAddr, data_dir: PathBuf) -> Config {
+        let mut config = Config::parse_from(["idempotency-coordinator"]);
+        config.listen = listen;
+        config.data_dir = data_dir;
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("idempotency-coordinator").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(config.durability, Durability::Strict);
+        assert_eq!(config.limits().unwrap(), Limits::default());
+    }
+
+    #[test]
+    fn durations_parse_in_human_units() {
+        let config = parse(&["--default-lease-ttl", "2m", "--max-wait", "1500ms", "--durability", "relaxed"]).unwrap();
+        assert_eq!(config.default_lease_ttl, Duration::from_secs(120));
+        assert_eq!(config.max_wait, Duration::from_millis(1500));
+        assert_eq!(config.durability, Durability::Relaxed);
+        assert!(parse(&["--max-wait", "soon"]).is_err());
+    }
+
+    #[test]
+    fn contradictory_limits_are_refused() {
+        assert!(parse(&["--default-lease-ttl", "2h"]).unwrap().limits().is_err());
+        assert!(parse(&["--min-retention", "0s"]).unwrap().limits().is_err());
+        assert!(parse(&["--sweep-batch", "0"]).unwrap().limits().is_err());
+    }
+}

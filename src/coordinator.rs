@@ -1,0 +1,197 @@
+//! The coordinator: applies commands through the store at the clock's time, and owns the rules
+//! that span calls: waiting for a held key, waking waiters, and draining.
+//!
+//! Invariant: a waiter registers for wake-ups before it looks at the key, so a Complete or
+//! Release that lands between its look and its wait still wakes it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::domain::{
+    Claim, ClaimOutcome, Complete, CompleteOutcome, InvalidInput, Key, KeyView, Limits, Namespace, Rejection, Release,
+    Renew, RenewOutcome,
+};
+use crate::store::{Store, StoreError, SweepReport};
+
+/// Why a coordinator call did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or out of bounds; nothing changed.
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    /// The state machine refused the command; nothing changed.
+    #[error(transparent)]
+    Rejected(Rejection),
+    /// A Claim of a new key while the store is full.
+    #[error("the store holds its maximum of {max_records} records")]
+    StoreFull {
+        /// The configured maximum.
+        max_records: u64,
+    },
+    /// The store cannot make changes durable now; the call may or may not have taken effect.
+    #[error("storage unavailable")]
+    Unavailable(String),
+    /// The server is draining.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A fault; the detail goes to the log only.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<StoreError> for Error {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Rejected(rejection) => Error::Rejected(rejection),
+            StoreError::Full { max_records } => Error::StoreFull { max_records },
+            StoreError::Unavailable(detail) => Error::Unavailable(detail),
+            StoreError::Corrupt(detail) => Error::Internal(detail),
+        }
+    }
+}
+
+type WaitKey = (Namespace, Key);
+
+/// Applies commands through a [`Store`]; shared by the gRPC service and the sweeper.
+pub struct Coordinator<S> {
+    store: S,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    waiters: Mutex<HashMap<WaitKey, Arc<Notify>>>,
+    draining: CancellationToken,
+}
+
+impl<S: Store> Coordinator<S> {
+    /// A coordinator over `store`, reading time from `clock`.
+    pub fn new(store: S, clock: Arc<dyn Clock>, limits: Limits) -> Self {
+        Coordinator { store, clock, limits, waiters: Mutex::new(HashMap::new()), draining: CancellationToken::new() }
+    }
+
+    /// The request bounds and defaults in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Claims a key; if it is held and `wait` is non-zero, waits up to `wait` for the holder to
+    /// complete, release or lapse. Cancel-safe: dropping the future while it waits changes nothing.
+    pub async fn claim(&self, namespace: &Namespace, key: &Key, claim: &Claim, wait: Duration) -> Result<ClaimOutcome, Error> {
+        self.refuse_if_draining()?;
+        let mut now = self.clock.now();
+        let give_up_at = now.plus(wait);
+        let waiter = (!wait.is_zero()).then(|| self.waiter(namespace, key));
+        loop {
+            let notified = waiter.as_ref().map(|waiter| waiter.notify.notified());
+            tokio::pin!(notified);
+            if let Some(notified) = notified.as_mut().as_pin_mut() {
+                notified.enable();
+            }
+            let outcome = self.store.claim(namespace, key, now, claim).await?;
+            let ClaimOutcome::InProgress { lease_expires_at, .. } = &outcome else {
+                return Ok(outcome);
+            };
+            if waiter.is_none() || now >= give_up_at || self.draining.is_cancelled() {
+                return Ok(outcome);
+            }
+            let wake_at = (*lease_expires_at).min(give_up_at);
+            tokio::select! {
+                _ = async { if let Some(n) = notified.as_mut().as_pin_mut() { n.await } } => {}
+                () = self.clock.sleep_until(wake_at) => {}
+                () = self.draining.cancelled() => {}
+            }
+            now = self.clock.now();
+        }
+    }
+
+    /// Stores the response; wakes Claims waiting for the key.
+    pub async fn complete(&self, namespace: &Namespace, key: &Key, complete: Complete) -> Result<CompleteOutcome, Error> {
+        self.refuse_if_draining()?;
+        let outcome = self.store.complete(namespace, key, self.clock.now(), complete).await?;
+        if !outcome.already_completed {
+            self.wake(namespace, key);
+        }
+        Ok(outcome)
+    }
+
+    /// Extends the holder's lease.
+    pub async fn renew(&self, namespace: &Namespace, key: &Key, renew: &Renew) -> Result<RenewOutcome, Error> {
+        self.refuse_if_draining()?;
+        Ok(self.store.renew(namespace, key, self.clock.now(), renew).await?)
+    }
+
+    /// Gives the key back; wakes Claims waiting for it.
+    pub async fn release(&self, namespace: &Namespace, key: &Key, release: &Release) -> Result<(), Error> {
+        self.refuse_if_draining()?;
+        self.store.release(namespace, key, self.clock.now(), release).await?;
+        self.wake(namespace, key);
+        Ok(())
+    }
+
+    /// Reads a key.
+    pub async fn lookup(&self, namespace: &Namespace, key: &Key) -> Result<KeyView, Error> {
+        self.refuse_if_draining()?;
+        Ok(self.store.lookup(namespace, key, self.clock.now()).await?)
+    }
+
+    /// Deletes up to `batch` expired records.
+    pub async fn sweep(&self, batch: usize) -> Result<SweepReport, Error> {
+        Ok(self.store.sweep(self.clock.now(), batch).await?)
+    }
+
+    /// Starts draining: new calls fail with [`Error::ShuttingDown`], waiting Claims answer now.
+    pub fn drain(&self) {
+        self.draining.cancel();
+    }
+
+    fn refuse_if_draining(&self) -> Result<(), Error> {
+        if self.draining.is_cancelled() { Err(Error::ShuttingDown) } else { Ok(()) }
+    }
+
+    fn waiter(&self, namespace: &Namespace, key: &Key) -> Waiter<'_, S> {
+        let wait_key = (namespace.clone(), key.clone());
+        let notify = Arc::clone(self.waiters.lock().entry(wait_key.clone()).or_default());
+        Waiter { coordinator: self, wait_key, notify }
+    }
+
+    fn wake(&self, namespace: &Namespace, key: &Key) {
+        let waiters = self.waiters.lock();
+        if waiters.is_empty() {
+            return;
+        }
+        if let Some(notify) = waiters.get(&(namespace.clone(), key.clone())) {
+            notify.notify_waiters();
+        }
+    }
+
+    /// How many keys have Claims waiting on them (for tests and metrics).
+    pub fn waiting_keys(&self) -> usize {
+        self.waiters.lock().len()
+    }
+}
+
+/// One waiting Claim's registration; the last one to leave removes the key's entry.
+struct Waiter<'a, S> {
+    coordinator: &'a Coordinator<S>,
+    wait_key: WaitKey,
+    notify: Arc<Notify>,
+}
+
+impl<S> Drop for Waiter<'_, S> {
+    fn drop(&mut self) {
+        let mut waiters = self.coordinator.waiters.lock();
+        // The map holds one reference and this waiter another: if that is all, nobody else waits.
+        if Arc::strong_count(&self.notify) == 2 {
+            waiters.remove(&self.wait_key);
+        }
+    }
+}

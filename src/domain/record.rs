@@ -1,0 +1,159 @@
+//! The stored state of one key, and its byte encoding.
+//!
+//! Invariant: a record's `expires_at()` is never before the end of a held lease, so that retention
+//! cannot end while someone holds the key.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::values::{Fingerprint, FencingToken, LeaseToken, Owner, RequestId, Response, Timestamp};
+
+/// Everything remembered about one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The fingerprint the key is bound to (empty: none given yet).
+    pub fingerprint: Fingerprint,
+    /// The fencing token of the latest grant.
+    pub fencing_token: FencingToken,
+    /// How many times the key has been granted.
+    pub attempt: u32,
+    /// The owner named by the latest grant's Claim.
+    pub owner: Owner,
+    /// How long the record is kept after its last change, in milliseconds.
+    pub retention_millis: u64,
+    /// The time of the last change.
+    pub updated_at: Timestamp,
+    /// Held, released or completed.
+    pub state: RecordState,
+}
+
+/// Where a key stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordState {
+    /// A caller holds (or held, if the lease lapsed) the key and has not finished.
+    Held(Lease),
+    /// The holder gave the key back; it can be claimed at once.
+    Released {
+        /// The token that released it.
+        by: LeaseToken,
+    },
+    /// The response is stored.
+    Completed {
+        /// The token that completed it, so a retried Complete is recognised.
+        by: LeaseToken,
+        /// The stored response.
+        response: Response,
+        /// When Complete was applied.
+        completed_at: Timestamp,
+    },
+}
+
+/// The latest grant of a held key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The holder's secret.
+    pub token: LeaseToken,
+    /// When the lease lapses unless renewed.
+    pub expires_at: Timestamp,
+    /// The request id of the Claim that won the lease, for retried Claims.
+    pub request_id: Option<RequestId>,
+    /// Whether the grant took over a lapsed lease.
+    pub takeover: bool,
+}
+
+/// The first byte of every encoded record, so that the layout can change later.
+const ENCODING_VERSION: u8 = 1;
+
+/// A stored record that cannot be decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable record: {0}")]
+pub struct DecodeError(String);
+
+impl Record {
+    /// How long the record is kept after its last change.
+    pub fn retention(&self) -> Duration {
+        Duration::from_millis(self.retention_millis)
+    }
+
+    /// When the key is forgotten: `retention` after the last change, but never before its lease ends.
+    pub fn expires_at(&self) -> Timestamp {
+        let retained_until = self.updated_at.plus(self.retention());
+        match &self.state {
+            RecordState::Held(lease) => retained_until.max(lease.expires_at),
+            RecordState::Released { .. } | RecordState::Completed { .. } => retained_until,
+        }
+    }
+
+    /// Whether retention has ended at `now`: every operation then treats the key as absent.
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        self.expires_at() <= now
+    }
+
+    /// The bytes stored for this record.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = vec![ENCODING_VERSION];
+        // Encoding into a Vec only fails for types serde cannot express; Record has none.
+        postcard::to_io(self, &mut bytes).expect("a record always encodes");
+        bytes
+    }
+
+    /// Reads bytes written by [`Record::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+        match bytes.split_first() {
+            Some((&ENCODING_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| DecodeError(e.to_string())),
+            Some((version, _)) => Err(DecodeError(format!("unknown encoding version {version}"))),
+            None => Err(DecodeError("empty".to_owned())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(expires_at: i64) -> Record {
+        Record {
+            fingerprint: Fingerprint::parse(b"fp").unwrap(),
+            fencing_token: FencingToken(7),
+            attempt: 2,
+            owner: Owner::parse("pod-1").unwrap(),
+            retention_millis: 1_000,
+            updated_at: Timestamp::from_unix_millis(10_000),
+            state: RecordState::Held(Lease {
+                token: LeaseToken::generate(),
+                expires_at: Timestamp::from_unix_millis(expires_at),
+                request_id: RequestId::parse_optional("r").unwrap(),
+                takeover: true,
+            }),
+        }
+    }
+
+    #[test]
+    fn expiry_never_cuts_a_lease_short() {
+        assert_eq!(held(10_500).expires_at(), Timestamp::from_unix_millis(11_000));
+        assert_eq!(held(50_000).expires_at(), Timestamp::from_unix_millis(50_000));
+        assert!(!held(50_000).is_expired(Timestamp::from_unix_millis(49_999)));
+        assert!(held(50_000).is_expired(Timestamp::from_unix_millis(50_000)));
+    }
+
+    #[test]
+    fn encoding_round_trips() {
+        let record = held(20_000);
+        assert_eq!(Record::decode(&record.encode()).unwrap(), record);
+        let mut completed = record.clone();
+        completed.state = RecordState::Completed {
+            by: LeaseToken::generate(),
+            response: Response { body: b"{\"id\":1}".to_vec(), metadata: [("status".into(), "201".into())].into() },
+            completed_at: Timestamp::from_unix_millis(12_000),
+        };
+        assert_eq!(Record::decode(&completed.encode()).unwrap(), completed);
+    }
+
+    #[test]
+    fn undecodable_bytes_are_reported() {
+        assert!(Record::decode(&[]).is_err());
+        assert!(Record::decode(&[9, 1, 2]).is_err());
+        assert!(Record::decode(&[ENCODING_VERSION, 0xff]).is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! The server: opens the store, wires the coordinator service, health, reflection and the
+//! sweeper, serves until told to stop, then drains and flushes.
+//!
+//! Shutdown order: health turns NOT_SERVING and new calls are refused with SHUTTING_DOWN,
+//! waiting Claims answer at once, in-flight calls finish (bounded by the grace period), the
+//! sweeper stops, and the store flushes before `run` returns.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError};
+use crate::coordinator::Coordinator;
+use crate::pb;
+use crate::service::CoordinatorService;
+use crate::store::Store;
+use crate::store::sled::{OpenError, SledOptions, SledStore};
+use crate::sweeper;
+
+/// The fully qualified name of the gRPC service, as health checks name it.
+pub const SERVICE_NAME: &str = "idempotency.v1.Coordinator";
+
+/// Room for the fields around a response in a Complete message, beyond the response limit.
+const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration contradicts itself.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory could not be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The transport failed.
+    #[error("serving failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The final flush failed: changes since the last acknowledged one may be lost.
+    #[error("closing the store failed: {0}")]
+    Close(String),
+}
+
+/// How to serve an already-built coordinator.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// How often the sweeper runs.
+    pub sweep_interval: Duration,
+    /// Index entries per sweep batch.
+    pub sweep_batch: usize,
+    /// How long in-flight calls may take to finish after the stop signal.
+    pub shutdown_grace: Duration,
+}
+
+impl From<&Config> for ServeOptions {
+    fn from(config: &Config) -> Self {
+        ServeOptions {
+            sweep_interval: config.sweep_interval,
+            sweep_batch: config.sweep_batch,
+            shutdown_grace: config.shutdown_grace,
+        }
+    }
+}
+
+/// Opens the sled store of `config` with its limits, reading time from `clock`.
+pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<Coordinator<SledStore>>, ServerError> {
+    let limits = config.limits()?;
+    let store = SledStore::open(&SledOptions {
+        path: config.data_dir.clone(),
+        durability: config.durability,
+        max_records: config.max_records,
+        cache_capacity_bytes: config.cache_mb * 1024 * 1024,
+    })?;
+    Ok(Arc::new(Coordinator::new(store, clock, limits)))
+}
+
+/// Opens the store of `config` and serves on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let coordinator = tokio::task::block_in_place(|| open(&config, clock))?;
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        data_dir = %config.data_dir.display(),
+        durability = ?config.durability,
+        records = coordinator.store().record_count(),
+        "serving"
+    );
+    serve(listener, coordinator, ServeOptions::from(&config), shutdown).await
+}
+
+/// Serves `coordinator` on `listener` until `shutdown` completes, then drains and closes the store.
+pub async fn serve<S: Store>(
+    listener: TcpListener,
+    coordinator: Arc<Coordinator<S>>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::Serving).await;
+    let stop_background = CancellationToken::new();
+    let health_watch = tokio::spawn(follow_store_health(coordinator.store().health(), reporter.clone(), stop_background.clone()));
+    let sweeper = sweeper::spawn(Arc::clone(&coordinator), options.sweep_interval, options.sweep_batch, stop_background.clone());
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the embedded descriptor sets are valid");
+    let max_message = coordinator.limits().max_response_bytes + MESSAGE_OVERHEAD_BYTES;
+    let coordinator_service = pb::coordinator_server::CoordinatorServer::new(CoordinatorService::new(Arc::clone(&coordinator)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+    let draining = CancellationToken::new();
+    let drain_signal = {
+        let draining = draining.clone();
+        let coordinator = Arc::clone(&coordinator);
+        let reporter = reporter.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("draining: refusing new calls, finishing in-flight ones");
+            stop_background.cancel();
+            set_health(&reporter, ServingStatus::NotServing).await;
+            coordinator.drain();
+            draining.cancel();
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(coordinator_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain_signal);
+    tokio::pin!(server);
+    let served = tokio::select! {
+        result = &mut server => result,
+        () = async { draining.cancelled().await; tokio::time::sleep(options.shutdown_grace).await } => {
+            tracing::warn!(grace = ?options.shutdown_grace, "in-flight calls outlived the grace period; closing anyway");
+            Ok(())
+        }
+    };
+    // Whatever ended serving, the background tasks stop and the store is flushed and closed.
+    draining.cancel();
+    // Cancelled above on every path that reaches here except a transport error.
+    coordinator.drain();
+    let _ = health_watch.await;
+    let _ = sweeper.await;
+    let closed = coordinator.store().close().await.map_err(|error| ServerError::Close(error.to_string()));
+    tracing::info!("stopped");
+    served?;
+    closed
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Mirrors the store's ability to make changes durable into the health service.
+async fn follow_store_health(mut healthy: tokio::sync::watch::Receiver<bool>, reporter: HealthReporter, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = healthy.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let serving = *healthy.borrow_and_update();
+                if serving {
+                    tracing::info!("storage recovered; serving");
+                    set_health(&reporter, ServingStatus::Serving).await;
+                } else {
+                    tracing::error!("storage failing; reporting NOT_SERVING");
+                    set_health(&reporter, ServingStatus::NotServing).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The gRPC adapter: protobuf in, validated domain values to the coordinator, protobuf out, and
+//! the one mapping from errors to statuses with `google.rpc.ErrorInfo`. Only this module and
+//! `pb` see generated types.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Code, Request, Response as GrpcResponse, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+use tracing::Instrument;
+
+use crate::coordinator::{Coordinator, Error};
+use crate::domain::{
+    Claim, ClaimOutcome, Complete, Fingerprint, InvalidInput, Key, KeyState, LeaseToken, Namespace, Owner, Rejection,
+    Release, Renew, RequestId, Response, Timestamp,
+};
+use crate::pb;
+use crate::store::Store;
+
+/// The `google.rpc.ErrorInfo` domain of every error this service returns.
+pub const ERROR_DOMAIN: &str = "idempotency.v1";
+
+/// The `idempotency.v1.Coordinator` service over a [`Coordinator`].
+pub struct CoordinatorService<S> {
+    coordinator: Arc<Coordinator<S>>,
+}
+
+impl<S> CoordinatorService<S> {
+    /// Serves `coordinator`.
+    pub fn new(coordinator: Arc<Coordinator<S>>) -> Self {
+        CoordinatorService { coordinator }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
+    async fn claim(&self, request: Request<pb::ClaimRequest>) -> Result<GrpcResponse<pb::ClaimResponse>, Status> {
+        let deadline = grpc_timeout(&request);
+        let request = request.into_inner();
+        let span = tracing::info_span!("claim", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
+        async move {
+            let (namespace, key) = address(&request.namespace, &request.key)?;
+            let limits = self.coordinator.limits();
+            let lease_ttl = limits.lease_ttl(duration(request.lease_ttl, lease_ttl_error(limits))?)?;
+            let retention = limits.retention(duration(request.retention, retention_error(limits))?, limits.default_retention)?;
+            let wait = limits.wait(duration(request.wait, InvalidInput::Wait { max: limits.max_wait })?)?;
+            let claim = Claim {
+                fingerprint: Fingerprint::parse(&request.fingerprint)?,
+                lease_ttl,
+                retention,
+                request_id: RequestId::parse_optional(&request.request_id)?,
+                owner: Owner::parse(&request.owner)?,
+                new_lease_token: LeaseToken::generate(),
+            };
+            let outcome = self.coordinator.claim(&namespace, &key, &claim, wait_within(wait, deadline)).await?;
+            let (name, outcome) = match outcome {
+                ClaimOutcome::Acquired(grant) => (
+                    if grant.takeover { "acquired_takeover" } else { "acquired" },
+                    pb::claim_response::Outcome::Acquired(pb::Acquired {
+                        lease_token: grant.lease_token.to_text(),
+                        fencing_token: grant.fencing_token.0,
+                        lease_expires_at: Some(timestamp(grant.lease_expires_at)),
+                        attempt: grant.attempt,
+                        takeover: grant.takeover,
+                    }),
+                ),
+                ClaimOutcome::InProgress { lease_expires_at, attempt, owner, retry_after } => (
+                    "in_progress",
+                    pb::claim_response::Outcome::InProgress(pb::InProgress {
+                        lease_expires_at: Some(timestamp(lease_expires_at)),
+                        attempt,
+                        owner: owner.as_str().to_owned(),
+                        retry_after: Some(pb_duration(retry_after)),
+                    }),
+                ),
+                ClaimOutcome::Completed(stored) => (
+                    "completed",
+                    pb::claim_response::Outcome::Completed(pb::Completed {
+                        response: Some(pb_response(stored.response)),
+                        completed_at: Some(timestamp(stored.completed_at)),
+                        expires_at: Some(timestamp(stored.expires_at)),
+                        fencing_token: stored.fencing_token.0,
+                    }),
+                ),
+            };
+            tracing::Span::current().record("outcome", name);
+            Ok(GrpcResponse::new(pb::ClaimResponse { outcome: Some(outcome) }))
+        }
+        .instrument(span)
+        .await
+        .inspect_err(log_status)
+    }
+
+    async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<GrpcResponse<pb::CompleteResponse>, Status> {
+        let request = request.into_inner();
+        let span = tracing::info_span!("complete", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
+        async move {
+            let (namespace, key) = address(&request.namespace, &request.key)?;
+            let limits = self.coordinator.limits();
+            let lease_token = LeaseToken::parse(&request.lease_token)?;
+            let retention = duration(request.retention, retention_error(limits))?
+                .map(|retention| limits.retention(Some(retention), retention))
+                .transpose()?;
+            let response = limits.response(domain_response(request.response.unwrap_or_default()))?;
+            let outcome =
+                self.coordinator.complete(&namespace, &key, Complete { lease_token, response, retention }).await?;
+            tracing::Span::current().record("outcome", if outcome.already_completed { "already_completed" } else { "completed" });
+            Ok(GrpcResponse::new(pb::CompleteResponse {
+                completed_at: Some(timestamp(outcome.completed_at)),
+                expires_at: Some(timestamp(outcome.expires_at)),
+                fencing_token: outcome.fencing_token.0,
+                already_completed: outcome.already_completed,
+            }))
+        }
+        .instrument(span)
+        .await
+        .inspect_err(log_status)
+    }
+
+    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<GrpcResponse<pb::RenewResponse>, Status> {
+        let request = request.into_inner();
+        let span = tracing::info_span!("renew", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
+        async move {
+            let (namespace, key) = address(&request.namespace, &request.key)?;
+            let limits = self.coordinator.limits();
+            let lease_token = LeaseToken::parse(&request.lease_token)?;
+            let lease_ttl = limits.lease_ttl(duration(request.lease_ttl, lease_ttl_error(limits))?)?;
+            let outcome = self.coordinator.renew(&namespace, &key, &Renew { lease_token, lease_ttl }).await?;
+            tracing::Span::current().record("outcome", "renewed");
+            Ok(GrpcResponse::new(pb::RenewResponse {
+                lease_expires_at: Some(timestamp(outcome.lease_expires_at)),
+                fencing_token: outcome.fencing_token.0,
+            }))
+        }
+        .instrument(span)
+        .await
+        .inspect_err(log_status)
+    }
+
+    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<GrpcResponse<pb::ReleaseResponse>, Status> {
+        let request = request.into_inner();
+        let span = tracing::info_span!("release", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
+        async move {
+            let (namespace, key) = address(&request.namespace, &request.key)?;
+            let lease_token = LeaseToken::parse(&request.lease_token)?;
+            self.coordinator.release(&namespace, &key, &Release { lease_token }).await?;
+            tracing::Span::current().record("outcome", "released");
+            Ok(GrpcResponse::new(pb::ReleaseResponse {}))
+        }
+        .instrument(span)
+        .await
+        .inspect_err(log_status)
+    }
+
+    async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<GrpcResponse<pb::LookupResponse>, Status> {
+        let request = request.into_inner();
+        let span = tracing::info_span!("lookup", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
+        async move {
+            let (namespace, key) = address(&request.namespace, &request.key)?;
+            let view = self.coordinator.lookup(&namespace, &key).await?;
+            let state = match view.state {
+                KeyState::InProgress => pb::KeyState::InProgress,
+                KeyState::LeaseExpired => pb::KeyState::LeaseExpired,
+                KeyState::Released => pb::KeyState::Released,
+                KeyState::Completed => pb::KeyState::Completed,
+            };
+            tracing::Span::current().record("outcome", state.as_str_name());
+            let (response, completed_at) = match view.completed {
+                Some((response, at)) => (Some(pb_response(response)), Some(timestamp(at))),
+                None => (None, None),
+            };
+            Ok(GrpcResponse::new(pb::LookupResponse {
+                state: state.into(),
+                fingerprint: view.fingerprint.as_bytes().to_vec(),
+                fencing_token: view.fencing_token.0,
+                attempt: view.attempt,
+                owner: view.owner.as_str().to_owned(),
+                lease_expires_at: view.lease_expires_at.map(timestamp),
+                response,
+                completed_at,
+                expires_at: Some(timestamp(view.expires_at)),
+            }))
+        }
+        .instrument(span)
+        .await
+        .inspect_err(log_status)
+    }
+}
+
+fn log_status(status: &Status) {
+    tracing::debug!(code = ?status.code(), "call refused");
+}
+
+fn address(namespace: &str, key: &str) -> Result<(Namespace, Key), InvalidInput> {
+    Ok((Namespace::parse(namespace)?, Key::parse(key)?))
+}
+
+fn lease_ttl_error(limits: &crate::domain::Limits) -> InvalidInput {
+    InvalidInput::LeaseTtl { min: limits.min_lease_ttl, max: limits.max_lease_ttl }
+}
+
+fn retention_error(limits: &crate::domain::Limits) -> InvalidInput {
+    InvalidInput::Retention { min: limits.min_retention, max: limits.max_retention }
+}
+
+/// An optional protobuf duration: `None` when unset, `invalid` when negative or malformed.
+fn duration(value: Option<prost_types::Duration>, invalid: InvalidInput) -> Result<Option<Duration>, InvalidInput> {
+    let Some(value) = value else { return Ok(None) };
+    let seconds = u64::try_from(value.seconds).map_err(|_| invalid.clone())?;
+    let nanos = u32::try_from(value.nanos).ok().filter(|n| *n < 1_000_000_000).ok_or(invalid)?;
+    Ok(Some(Duration::new(seconds, nanos)))
+}
+
+fn pb_duration(value: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(value.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(value.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn timestamp(value: Timestamp) -> prost_types::Timestamp {
+    let millis = value.unix_millis();
+    prost_types::Timestamp {
+        seconds: millis.div_euclid(1000),
+        nanos: i32::try_from(millis.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn domain_response(response: pb::Response) -> Response {
+    Response { body: response.body, metadata: response.metadata.into_iter().collect() }
+}
+
+fn pb_response(response: Response) -> pb::Response {
+    pb::Response { body: response.body, metadata: response.metadata.into_iter().collect() }
+}
+
+/// The call's deadline from its `grpc-timeout` header, if any.
+fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// Shortens a wait so that it ends before the call's deadline, leaving time to answer
+/// `in_progress` instead of letting the call fail with DEADLINE_EXCEEDED.
+fn wait_within(wait: Duration, deadline: Option<Duration>) -> Duration {
+    match deadline {
+        None => wait,
+        Some(deadline) => {
+            let margin = (deadline / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
+            wait.min(deadline.saturating_sub(margin))
+        }
+    }
+}
+
+impl From<InvalidInput> for Status {
+    fn from(error: InvalidInput) -> Self {
+        Status::from(Error::Invalid(error))
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let (code, reason) = match &error {
+            Error::Invalid(invalid) => (Code::InvalidArgument, invalid_reason(invalid)),
+            Error::Rejected(Rejection::FingerprintMismatch) => (Code::FailedPrecondition, "FINGERPRINT_MISMATCH"),
+            Error::Rejected(Rejection::AlreadyCompleted) => (Code::FailedPrecondition, "ALREADY_COMPLETED"),
+            Error::Rejected(Rejection::LeaseLost) => (Code::Aborted, "LEASE_LOST"),
+            Error::Rejected(Rejection::NotFound) => (Code::NotFound, "KEY_NOT_FOUND"),
+            Error::StoreFull { .. } => (Code::ResourceExhausted, "STORE_FULL"),
+            Error::Unavailable(detail) => {
+                tracing::warn!(%detail, "storage unavailable");
+                (Code::Unavailable, "STORE_UNAVAILABLE")
+            }
+            Error::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
+            Error::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                (Code::Internal, "INTERNAL")
+            }
+        };
+        let mut metadata = HashMap::new();
+        if let Error::Invalid(invalid) = &error {
+            metadata.insert("field".to_owned(), invalid.field().to_owned());
+            if let Some(limit) = invalid_limit(invalid) {
+                metadata.insert("limit".to_owned(), limit);
+            }
+        }
+        if let Error::StoreFull { max_records } = &error {
+            metadata.insert("limit".to_owned(), max_records.to_string());
+        }
+        Status::with_error_details(code, error.to_string(), ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata))
+    }
+}
+
+fn invalid_reason(invalid: &InvalidInput) -> &'static str {
+    match invalid {
+        InvalidInput::Namespace => "INVALID_NAMESPACE",
+        InvalidInput::Key => "INVALID_KEY",
+        InvalidInput::Fingerprint { .. } => "INVALID_FINGERPRINT",
+        InvalidInput::LeaseTtl { .. } => "INVALID_LEASE_TTL",
+        InvalidInput::Retention { .. } => "INVALID_RETENTION",
+        InvalidInput::Wait { .. } => "INVALID_WAIT",
+        InvalidInput::LeaseToken => "INVALID_LEASE_TOKEN",
+        InvalidInput::RequestId { .. } => "INVALID_REQUEST_ID",
+        InvalidInput::Owner { .. } => "INVALID_OWNER",
+        InvalidInput::ResponseTooLarge { .. } => "RESPONSE_TOO_LARGE",
+    }
+}
+
+fn invalid_limit(invalid: &InvalidInput) -> Option<String> {
+    match invalid {
+        InvalidInput::Namespace => Some("64".to_owned()),
+        InvalidInput::Key => Some(Key::MAX_BYTES.to_string()),
+        InvalidInput::Fingerprint { max } | InvalidInput::RequestId { max } | InvalidInput::Owner { max } => {
+            Some(max.to_string())
+        }
+        InvalidInput::LeaseTtl { min, max } | InvalidInput::Retention { min, max } => {
+            Some(format!("{}..{}", humantime::format_duration(*min), humantime::format_duration(*max)))
+        }
+        InvalidInput::Wait { max } => Some(humantime::format_duration(*max).to_string()),
+        InvalidInput::ResponseTooLarge { max, .. } => Some(max.to_string()),
+        InvalidInput::LeaseToken => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let with = |value: &str| {
+            let mut request = Request::new(());
+            request.metadata_mut().insert("grpc-timeout", value.parse().unwrap());
+            grpc_timeout(&request)
+        };
+        assert_eq!(with("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(with("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(with("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(with("x"), None);
+        assert_eq!(grpc_timeout(&Request::new(())), None);
+    }
+
+    #[test]
+    fn waits_end_before_the_deadline() {
+        let second = Duration::from_secs(1);
+        assert_eq!(wait_within(10 * second, None), 10 * second);
+        assert_eq!(wait_within(10 * second, Some(2 * second)), Duration::from_millis(1800));
+        assert_eq!(wait_within(Duration::from_millis(100), Some(2 * second)), Duration::from_millis(100));
+        assert_eq!(wait_within(second, Some(Duration::from_millis(10))), Duration::ZERO);
+    }
+
+    #[test]
+    fn durations_and_timestamps_convert() {
+        let invalid = InvalidInput::Wait { max: Duration::from_secs(60) };
+        assert_eq!(duration(None, invalid.clone()), Ok(None));
+        let half = prost_types::Duration { seconds: 0, nanos: 500_000_000 };
+        assert_eq!(duration(Some(half), invalid.clone()), Ok(Some(Duration::from_millis(500))));
+        let negative = prost_types::Duration { seconds: -1, nanos: 0 };
+        assert_eq!(duration(Some(negative), invalid.clone()), Err(invalid.clone()));
+        let bad_nanos = prost_types::Duration { seconds: 1, nanos: -5 };
+        assert_eq!(duration(Some(bad_nanos), invalid.clone()), Err(invalid));
+        let t = timestamp(Timestamp::from_unix_millis(1_700_000_000_123));
+        assert_eq!((t.seconds, t.nanos), (1_700_000_000, 123_000_000));
+    }
+}

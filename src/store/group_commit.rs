@@ -1,0 +1,236 @@
+//! Group commit for the sled store: one flusher thread makes every write durable in batches.
+//!
+//! A writer applies its change in memory, takes a ticket with [`GroupCommit::written`], and awaits
+//! [`GroupCommit::durable`]. The flusher reads the highest ticket, runs one flush that covers
+//! every write applied before it, and wakes all of that batch's waiters at once. So concurrent
+//! writers share flushes, and throughput grows with concurrency instead of paying one flush per
+//! call. (sled 0.34's own `flush_async` deadlocks with many waiters, upstream issue #1308.)
+//!
+//! Invariant: a ticket is taken only after its write is applied, so a flush that starts after
+//! reading ticket `t` covers every write with a ticket up to `t`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::watch;
+
+/// Makes every write applied so far durable.
+pub type FlushFn = Box<dyn FnMut() -> std::io::Result<()> + Send>;
+
+/// How long the flusher waits before retrying after a failed flush.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Progress {
+    /// Every ticket up to this one is durable.
+    durable: u64,
+    /// The flush covering tickets up to this one failed (and no later one succeeded yet).
+    failed: u64,
+}
+
+#[derive(Default)]
+struct Signal {
+    requested: bool,
+    stopping: bool,
+}
+
+struct Shared {
+    written: AtomicU64,
+    progress: watch::Sender<Progress>,
+    healthy: watch::Sender<bool>,
+    signal: Mutex<Signal>,
+    wake: Condvar,
+    flushes: AtomicU64,
+}
+
+/// The handle writers use; stopping it flushes once more and joins the thread.
+pub struct GroupCommit {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A write was not made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the write could not be made durable")]
+pub struct NotDurable;
+
+impl GroupCommit {
+    /// Starts the flusher thread around `flush`.
+    pub fn start(flush: FlushFn) -> std::io::Result<GroupCommit> {
+        let shared = Arc::new(Shared {
+            written: AtomicU64::new(0),
+            progress: watch::Sender::new(Progress::default()),
+            healthy: watch::Sender::new(true),
+            signal: Mutex::new(Signal::default()),
+            wake: Condvar::new(),
+            flushes: AtomicU64::new(0),
+        });
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("group-commit".to_owned())
+            .spawn(move || run_flusher(&thread_shared, flush))?;
+        Ok(GroupCommit { shared, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Registers a write that was just applied and returns its ticket.
+    pub fn written(&self) -> u64 {
+        self.shared.written.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The ticket of the latest write applied so far.
+    pub fn latest(&self) -> u64 {
+        self.shared.written.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the write with `ticket` (and all before it) is durable.
+    pub async fn durable(&self, ticket: u64) -> Result<(), NotDurable> {
+        let mut progress = self.shared.progress.subscribe();
+        if progress.borrow().durable >= ticket {
+            return Ok(());
+        }
+        self.request_flush();
+        let reached = progress.wait_for(|p| p.durable >= ticket || p.failed >= ticket).await.map_err(|_| NotDurable)?;
+        if reached.durable >= ticket { Ok(()) } else { Err(NotDurable) }
+    }
+
+    /// `true` while flushes succeed.
+    pub fn health(&self) -> watch::Receiver<bool> {
+        self.shared.healthy.subscribe()
+    }
+
+    /// How many flushes ran so far.
+    pub fn flush_count(&self) -> u64 {
+        self.shared.flushes.load(Ordering::Relaxed)
+    }
+
+    fn request_flush(&self) {
+        let mut signal = self.shared.signal.lock();
+        if !signal.requested {
+            signal.requested = true;
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Flushes whatever is pending, stops the thread and waits for it. Blocks: call it off the
+    /// async workers.
+    pub fn stop(&self) {
+        {
+            let mut signal = self.shared.signal.lock();
+            signal.stopping = true;
+            self.shared.wake.notify_one();
+        }
+        if let Some(thread) = self.thread.lock().take() {
+            // A panicking flusher already reported itself; there is nothing more to do here.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run_flusher(shared: &Shared, mut flush: FlushFn) {
+    loop {
+        let stopping = {
+            let mut signal = shared.signal.lock();
+            while !signal.requested && !signal.stopping {
+                shared.wake.wait(&mut signal);
+            }
+            signal.requested = false;
+            signal.stopping
+        };
+        // Every write with a ticket up to `target` was applied before this load.
+        let target = shared.written.load(Ordering::SeqCst);
+        let already = shared.progress.borrow().durable;
+        if target > already || stopping {
+            shared.flushes.fetch_add(1, Ordering::Relaxed);
+            match flush() {
+                Ok(()) => {
+                    shared.progress.send_modify(|p| p.durable = p.durable.max(target));
+                    shared.healthy.send_if_modified(|healthy| !std::mem::replace(healthy, true));
+                }
+                Err(error) => {
+                    tracing::error!(%error, "flush failed; writes are not acknowledged until a flush succeeds");
+                    shared.progress.send_modify(|p| p.failed = p.failed.max(target));
+                    shared.healthy.send_if_modified(|healthy| std::mem::replace(healthy, false));
+                    if !stopping {
+                        std::thread::sleep(RETRY_AFTER_FAILURE);
+                        shared.signal.lock().requested = true;
+                    }
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    #[tokio::test]
+    async fn concurrent_writers_share_flushes() {
+        let commit = Arc::new(
+            GroupCommit::start(Box::new(|| {
+                std::thread::sleep(Duration::from_millis(5));
+                Ok(())
+            }))
+            .unwrap(),
+        );
+        let writers: Vec<_> = (0..64)
+            .map(|_| {
+                let commit = Arc::clone(&commit);
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        let ticket = commit.written();
+                        commit.durable(ticket).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        // 640 writes; with one flush per write there would be 640 flushes.
+        assert!(commit.flush_count() < 320, "flushes: {}", commit.flush_count());
+        assert_eq!(commit.shared.progress.borrow().durable, 640);
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_fails_its_waiters_and_recovers() {
+        let failing = Arc::new(AtomicBool::new(true));
+        let flag = Arc::clone(&failing);
+        let commit = GroupCommit::start(Box::new(move || {
+            if flag.load(Ordering::SeqCst) { Err(std::io::Error::other("disk full")) } else { Ok(()) }
+        }))
+        .unwrap();
+        let mut health = commit.health();
+        let ticket = commit.written();
+        assert!(commit.durable(ticket).await.is_err());
+        health.wait_for(|healthy| !healthy).await.unwrap();
+        failing.store(false, Ordering::SeqCst);
+        let ticket = commit.written();
+        commit.durable(ticket).await.unwrap();
+        health.wait_for(|healthy| *healthy).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn nothing_waits_for_a_ticket_already_durable() {
+        let commit = GroupCommit::start(Box::new(|| Ok(()))).unwrap();
+        commit.durable(0).await.unwrap();
+        let ticket = commit.written();
+        commit.durable(ticket).await.unwrap();
+        let flushes = commit.flush_count();
+        commit.durable(ticket).await.unwrap();
+        assert_eq!(commit.flush_count(), flushes);
+    }
+}

@@ -1,0 +1,408 @@
+//! The embedded store: sled, with per-key serialisation, group commit and an expiry index.
+//!
+//! Layout of the one sled tree (all integers big-endian, so byte order is numeric order):
+//! - `r` + namespace length (1 byte) + namespace + key → the encoded [`Record`];
+//! - `x` + expires_at (8 bytes) + the record's key → nothing: the expiry index, oldest first;
+//! - `m:fencing-reserved` → the fencing token below which this process may hand out tokens.
+//!
+//! Invariants:
+//! - All changes to one key happen under that key's stripe lock, so a read-decide-write is atomic
+//!   against every other call (sled's directory lock keeps other processes out). A record and
+//!   its index entries change in one sled batch, so a crash never separates them.
+//! - A reply reports only state that is durable: writers wait for their group-commit ticket,
+//!   readers for the ticket of the last write to their stripe.
+//! - Fencing tokens come from one counter; a token is handed out only after a reservation above
+//!   it was written to sled ahead of the record that uses it, so after any crash the counter
+//!   restarts above every token that any surviving record (or any deleted one) ever carried.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use super::group_commit::{FlushFn, GroupCommit};
+use super::{Store, StoreError, SweepReport};
+use crate::domain::machine;
+use crate::domain::{
+    Claim, ClaimOutcome, Complete, CompleteOutcome, FencingToken, Key, KeyView, Namespace, Record, Release, Renew,
+    RenewOutcome, Timestamp, Transition,
+};
+
+/// When a reply may report a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// After the change is written and fdatasync'ed with its batch: it survives kill -9, and power
+    /// loss on a disk that honours flushes.
+    Strict,
+    /// At once; sled writes changes out every 500 ms. A kill -9 or power loss may lose the last
+    /// half second of acknowledged changes.
+    Relaxed,
+}
+
+/// How to open a [`SledStore`].
+#[derive(Debug, Clone)]
+pub struct SledOptions {
+    /// The data directory; created if missing.
+    pub path: PathBuf,
+    /// When replies may report a change.
+    pub durability: Durability,
+    /// Claims of new keys fail past this many records.
+    pub max_records: u64,
+    /// sled's page cache size in bytes.
+    pub cache_capacity_bytes: u64,
+}
+
+/// Why a data directory could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// sled refused to open it: locked by another process, corrupt, or unwritable.
+    #[error("cannot open the data directory {path}: {source}")]
+    Sled {
+        /// The directory.
+        path: PathBuf,
+        /// sled's error.
+        source: sled::Error,
+    },
+    /// The directory holds data that cannot be read.
+    #[error("the data directory {path} holds unreadable data: {reason}")]
+    Corrupt {
+        /// The directory.
+        path: PathBuf,
+        /// What could not be read.
+        reason: String,
+    },
+    /// The flusher thread or a file needed for fdatasync could not be set up.
+    #[error("cannot set up durable writes in {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+const RECORD_PREFIX: u8 = b'r';
+const INDEX_PREFIX: u8 = b'x';
+const FENCING_RESERVATION: &[u8] = b"m:fencing-reserved";
+/// How many fencing tokens one reservation covers. A restart skips at most this many.
+const FENCING_BLOCK: u64 = 1 << 20;
+/// Number of stripe locks; keys hash onto them.
+const STRIPES: usize = 1024;
+
+#[derive(Default)]
+struct Stripe {
+    /// The group-commit ticket of the latest write to any key of this stripe.
+    last_write: u64,
+}
+
+struct FencingCounter {
+    last: u64,
+    reserved: u64,
+}
+
+/// The sled-backed [`Store`].
+pub struct SledStore {
+    db: sled::Db,
+    stripes: Box<[Mutex<Stripe>]>,
+    fencing: Mutex<FencingCounter>,
+    records: AtomicU64,
+    max_records: u64,
+    commit: Option<GroupCommit>,
+    healthy_when_relaxed: watch::Sender<bool>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `options.path`. Never starts over on unreadable data.
+    pub fn open(options: &SledOptions) -> Result<SledStore, OpenError> {
+        let path = options.path.clone();
+        let flush_every_ms = match options.durability {
+            Durability::Strict => None,
+            Durability::Relaxed => Some(500),
+        };
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(options.cache_capacity_bytes)
+            .flush_every_ms(flush_every_ms)
+            .open()
+            .map_err(|source| OpenError::Sled { path: path.clone(), source })?;
+        let reserved = match db.get(FENCING_RESERVATION).map_err(|source| OpenError::Sled { path: path.clone(), source })? {
+            None => 0,
+            Some(bytes) => read_u64(&bytes).ok_or_else(|| OpenError::Corrupt {
+                path: path.clone(),
+                reason: "the fencing token reservation is malformed".to_owned(),
+            })?,
+        };
+        let mut records = 0u64;
+        for entry in db.scan_prefix([RECORD_PREFIX]).keys() {
+            entry.map_err(|source| OpenError::Sled { path: path.clone(), source })?;
+            records += 1;
+        }
+        let commit = match options.durability {
+            Durability::Strict => Some(
+                GroupCommit::start(durable_flush(db.clone(), &path).map_err(|source| OpenError::Io { path: path.clone(), source })?)
+                    .map_err(|source| OpenError::Io { path: path.clone(), source })?,
+            ),
+            Durability::Relaxed => None,
+        };
+        Ok(SledStore {
+            db,
+            stripes: (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect(),
+            // Start exactly at the reservation, so the first grant writes a new one above it.
+            fencing: Mutex::new(FencingCounter { last: reserved, reserved }),
+            records: AtomicU64::new(records),
+            max_records: options.max_records,
+            commit,
+            healthy_when_relaxed: watch::Sender::new(true),
+        })
+    }
+
+    fn stripe(&self, record_key: &[u8]) -> &Mutex<Stripe> {
+        // FNV-1a: cheap, and keys are not attacker-controlled in a way that matters for locks.
+        let hash = record_key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+        &self.stripes[(hash % STRIPES as u64) as usize]
+    }
+
+    /// Draws a fencing token above `floor`. If it passes the reservation, writes a new one to
+    /// sled first (inside the lock, so every later token is logged after its reservation).
+    fn next_fencing_token(&self, floor: FencingToken) -> Result<FencingToken, StoreError> {
+        let mut counter = self.fencing.lock();
+        let token = counter.last.max(floor.0) + 1;
+        if token > counter.reserved {
+            let reserved = token + FENCING_BLOCK;
+            self.db.insert(FENCING_RESERVATION, &reserved.to_be_bytes()).map_err(unavailable)?;
+            counter.reserved = reserved;
+        }
+        counter.last = token;
+        Ok(FencingToken(token))
+    }
+
+    fn read(&self, record_key: &[u8]) -> Result<Option<Record>, StoreError> {
+        match self.db.get(record_key).map_err(unavailable)? {
+            None => Ok(None),
+            Some(bytes) => Record::decode(&bytes).map(Some).map_err(|e| StoreError::Corrupt(e.to_string())),
+        }
+    }
+
+    /// Runs `decide` on the key's record under its stripe lock, writes the new record if any, and
+    /// returns the outcome once everything it reports is durable.
+    async fn update<T>(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        decide: impl FnOnce(Option<&Record>) -> Result<Transition<T>, StoreError>,
+    ) -> Result<T, StoreError> {
+        let record_key = record_key(namespace, key);
+        let (outcome, ticket) = {
+            let mut stripe = self.stripe(&record_key).lock();
+            let current = self.read(&record_key)?;
+            let transition = decide(current.as_ref())?;
+            match transition.write {
+                None => (transition.outcome, stripe.last_write),
+                Some(record) => {
+                    if current.is_none() {
+                        self.reserve_record_slot()?;
+                    }
+                    if let Err(error) = self.write(&record_key, current.as_ref(), &record) {
+                        if current.is_none() {
+                            self.records.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        return Err(error);
+                    }
+                    stripe.last_write = self.commit.as_ref().map_or(0, GroupCommit::written);
+                    (transition.outcome, stripe.last_write)
+                }
+            }
+        };
+        self.wait_durable(ticket).await?;
+        Ok(outcome)
+    }
+
+    fn reserve_record_slot(&self) -> Result<(), StoreError> {
+        let max_records = self.max_records;
+        self.records
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |count| (count < max_records).then_some(count + 1))
+            .map(drop)
+            .map_err(|_| StoreError::Full { max_records })
+    }
+
+    fn write(&self, record_key: &[u8], previous: Option<&Record>, record: &Record) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let expires_at = record.expires_at();
+        if let Some(previous) = previous {
+            let previous_expiry = previous.expires_at();
+            if previous_expiry != expires_at {
+                batch.remove(index_key(previous_expiry, record_key));
+            }
+        }
+        batch.insert(index_key(expires_at, record_key), &[]);
+        batch.insert(record_key, record.encode());
+        self.db.apply_batch(batch).map_err(unavailable)
+    }
+
+    async fn wait_durable(&self, ticket: u64) -> Result<(), StoreError> {
+        match &self.commit {
+            Some(commit) if ticket > 0 => commit
+                .durable(ticket)
+                .await
+                .map_err(|_| StoreError::Unavailable("the change could not be made durable".to_owned())),
+            _ => Ok(()),
+        }
+    }
+
+    /// One sweep batch; blocking, so the caller runs it off the async workers.
+    fn sweep_blocking(&self, now: Timestamp, batch: usize) -> Result<SweepReport, StoreError> {
+        let end = index_key(now, &[]);
+        let mut report = SweepReport::default();
+        for entry in self.db.range([INDEX_PREFIX].as_slice()..end.as_slice()).keys() {
+            if report.scanned == batch {
+                report.more = true;
+                break;
+            }
+            let entry = entry.map_err(unavailable)?;
+            report.scanned += 1;
+            let record_key = &entry[9..];
+            let _stripe = self.stripe(record_key).lock();
+            let mut changes = sled::Batch::default();
+            changes.remove(&*entry);
+            let current = self.read(record_key)?;
+            let expired = match &current {
+                Some(record) => record.is_expired(now) && index_key(record.expires_at(), record_key) == *entry,
+                None => false,
+            };
+            if expired {
+                changes.remove(record_key);
+            }
+            self.db.apply_batch(changes).map_err(unavailable)?;
+            if expired {
+                self.records.fetch_sub(1, Ordering::SeqCst);
+                report.deleted += 1;
+            }
+        }
+        Ok(report)
+    }
+}
+
+impl Store for SledStore {
+    async fn claim(&self, namespace: &Namespace, key: &Key, now: Timestamp, command: &Claim) -> Result<ClaimOutcome, StoreError> {
+        self.update(namespace, key, |current| {
+            let mut drawn = Ok(FencingToken(0));
+            let transition = machine::claim(now, current, command, |floor| {
+                drawn = self.next_fencing_token(floor);
+                *drawn.as_ref().unwrap_or(&FencingToken(u64::MAX))
+            });
+            drawn?;
+            Ok(transition?)
+        })
+        .await
+    }
+
+    async fn complete(&self, namespace: &Namespace, key: &Key, now: Timestamp, command: Complete) -> Result<CompleteOutcome, StoreError> {
+        self.update(namespace, key, |current| Ok(machine::complete(now, current, command)?)).await
+    }
+
+    async fn renew(&self, namespace: &Namespace, key: &Key, now: Timestamp, command: &Renew) -> Result<RenewOutcome, StoreError> {
+        self.update(namespace, key, |current| Ok(machine::renew(now, current, command)?)).await
+    }
+
+    async fn release(&self, namespace: &Namespace, key: &Key, now: Timestamp, command: &Release) -> Result<(), StoreError> {
+        self.update(namespace, key, |current| Ok(machine::release(now, current, command)?)).await
+    }
+
+    async fn lookup(&self, namespace: &Namespace, key: &Key, now: Timestamp) -> Result<KeyView, StoreError> {
+        self.update(namespace, key, |current| {
+            let view = machine::lookup(now, current)?;
+            Ok(Transition { write: None, outcome: view })
+        })
+        .await
+    }
+
+    async fn sweep(&self, now: Timestamp, batch: usize) -> Result<SweepReport, StoreError> {
+        tokio::task::block_in_place(|| self.sweep_blocking(now, batch))
+    }
+
+    fn record_count(&self) -> u64 {
+        self.records.load(Ordering::SeqCst)
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        match &self.commit {
+            Some(commit) => commit.health(),
+            None => self.healthy_when_relaxed.subscribe(),
+        }
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        tokio::task::block_in_place(|| {
+            if let Some(commit) = &self.commit {
+                commit.stop();
+            }
+            self.db.flush().map(drop).map_err(unavailable)
+        })
+    }
+}
+
+fn unavailable(error: sled::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+fn read_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
+}
+
+fn record_key(namespace: &Namespace, key: &Key) -> Vec<u8> {
+    let namespace = namespace.as_str().as_bytes();
+    let mut bytes = Vec::with_capacity(2 + namespace.len() + key.as_str().len());
+    bytes.push(RECORD_PREFIX);
+    // Namespaces are at most 64 bytes, so their length fits one byte.
+    bytes.push(namespace.len() as u8);
+    bytes.extend_from_slice(namespace);
+    bytes.extend_from_slice(key.as_str().as_bytes());
+    bytes
+}
+
+fn index_key(expires_at: Timestamp, record_key: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(9 + record_key.len());
+    bytes.push(INDEX_PREFIX);
+    // Flip the sign bit so that negative instants sort before positive ones.
+    bytes.extend_from_slice(&((expires_at.unix_millis() as u64) ^ (1 << 63)).to_be_bytes());
+    bytes.extend_from_slice(record_key);
+    bytes
+}
+
+/// sled's own flush writes its log with `sync_file_range`, which survives a process crash but not
+/// a power loss (it does not flush the disk's cache or file metadata), and it writes large values
+/// ("blobs") to separate files without syncing them. So after each flush this also fdatasyncs the
+/// log file, fsyncs blob files created since the last flush, and the directories that list them.
+fn durable_flush(db: sled::Db, path: &Path) -> std::io::Result<FlushFn> {
+    let log = File::open(path.join("db"))?;
+    File::open(path)?.sync_all()?;
+    let blobs_dir = path.join("blobs");
+    let mut blobs_dir_modified: Option<SystemTime> = None;
+    let mut synced_blobs: HashSet<OsString> = HashSet::new();
+    Ok(Box::new(move || {
+        db.flush().map_err(std::io::Error::other)?;
+        log.sync_data()?;
+        // Blob files are rare (values over a sixteenth of a segment); look only when the
+        // directory changed, and sync only the files not synced before.
+        let modified = std::fs::metadata(&blobs_dir).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified != blobs_dir_modified {
+            let mut present = HashSet::new();
+            for entry in std::fs::read_dir(&blobs_dir)? {
+                let name = entry?.file_name();
+                if !synced_blobs.contains(&name) {
+                    File::open(blobs_dir.join(&name))?.sync_all()?;
+                }
+                present.insert(name);
+            }
+            File::open(&blobs_dir)?.sync_all()?;
+            synced_blobs = present;
+            blobs_dir_modified = modified;
+        }
+        Ok(())
+    }))
+}
