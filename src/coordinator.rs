@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
@@ -83,9 +84,17 @@ impl<S: Store> Coordinator<S> {
         &self.store
     }
 
-    /// Claims a key; if it is held and `wait` is non-zero, waits up to `wait` for the holder to
-    /// complete, release or lapse. Cancel-safe: dropping the future while it waits changes nothing.
-    pub async fn claim(&self, namespace: &Namespace, key: &Key, claim: &Claim, wait: Duration) -> Result<ClaimOutcome, Error> {
+    /// Claims a key; if it is held and `wait` is non-zero, waits up to `wait` (by the clock) for
+    /// the holder to complete, release or lapse, but answers by `answer_by` (real time, from the
+    /// call's deadline) in any case. Cancel-safe: dropping the future while it waits changes nothing.
+    pub async fn claim(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        claim: &Claim,
+        wait: Duration,
+        answer_by: Option<Instant>,
+    ) -> Result<ClaimOutcome, Error> {
         self.refuse_if_draining()?;
         let mut now = self.clock.now();
         let give_up_at = now.plus(wait);
@@ -100,7 +109,8 @@ impl<S: Store> Coordinator<S> {
             let ClaimOutcome::InProgress { lease_expires_at, .. } = &outcome else {
                 return Ok(outcome);
             };
-            if waiter.is_none() || now >= give_up_at || self.draining.is_cancelled() {
+            let out_of_time = answer_by.is_some_and(|answer_by| Instant::now() >= answer_by);
+            if waiter.is_none() || now >= give_up_at || out_of_time || self.draining.is_cancelled() {
                 return Ok(outcome);
             }
             let wake_at = (*lease_expires_at).min(give_up_at);
@@ -108,13 +118,24 @@ impl<S: Store> Coordinator<S> {
                 _ = async { if let Some(n) = notified.as_mut().as_pin_mut() { n.await } } => {}
                 () = self.clock.sleep_until(wake_at) => {}
                 () = self.draining.cancelled() => {}
+                () = async {
+                    match answer_by {
+                        Some(answer_by) => tokio::time::sleep_until(answer_by).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
             }
             now = self.clock.now();
         }
     }
 
     /// Stores the response; wakes Claims waiting for the key.
-    pub async fn complete(&self, namespace: &Namespace, key: &Key, complete: Complete) -> Result<CompleteOutcome, Error> {
+    pub async fn complete(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        complete: Complete,
+    ) -> Result<CompleteOutcome, Error> {
         self.refuse_if_draining()?;
         let outcome = self.store.complete(namespace, key, self.clock.now(), complete).await?;
         if !outcome.already_completed {

@@ -108,8 +108,10 @@ pub async fn serve<S: Store>(
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::Serving).await;
     let stop_background = CancellationToken::new();
-    let health_watch = tokio::spawn(follow_store_health(coordinator.store().health(), reporter.clone(), stop_background.clone()));
-    let sweeper = sweeper::spawn(Arc::clone(&coordinator), options.sweep_interval, options.sweep_batch, stop_background.clone());
+    let health_watch =
+        tokio::spawn(follow_store_health(coordinator.store().health(), reporter.clone(), stop_background.clone()));
+    let sweeper =
+        sweeper::spawn(Arc::clone(&coordinator), options.sweep_interval, options.sweep_batch, stop_background.clone());
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -122,9 +124,10 @@ pub async fn serve<S: Store>(
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
     let max_message = coordinator.limits().max_response_bytes + MESSAGE_OVERHEAD_BYTES;
-    let coordinator_service = pb::coordinator_server::CoordinatorServer::new(CoordinatorService::new(Arc::clone(&coordinator)))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let coordinator_service =
+        pb::coordinator_server::CoordinatorServer::new(CoordinatorService::new(Arc::clone(&coordinator)))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
 
     let draining = CancellationToken::new();
     let drain_signal = {
@@ -172,7 +175,11 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 }
 
 /// Mirrors the store's ability to make changes durable into the health service.
-async fn follow_store_health(mut healthy: tokio::sync::watch::Receiver<bool>, reporter: HealthReporter, stop: CancellationToken) {
+async fn follow_store_health(
+    mut healthy: tokio::sync::watch::Receiver<bool>,
+    reporter: HealthReporter,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,

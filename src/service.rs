@@ -36,6 +36,7 @@ impl<S> CoordinatorService<S> {
 #[tonic::async_trait]
 impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
     async fn claim(&self, request: Request<pb::ClaimRequest>) -> Result<GrpcResponse<pb::ClaimResponse>, Status> {
+        // Read first: the deadline counts from the call's arrival.
         let deadline = grpc_timeout(&request);
         let request = request.into_inner();
         let span = tracing::info_span!("claim", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
@@ -43,7 +44,8 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
             let (namespace, key) = address(&request.namespace, &request.key)?;
             let limits = self.coordinator.limits();
             let lease_ttl = limits.lease_ttl(duration(request.lease_ttl, lease_ttl_error(limits))?)?;
-            let retention = limits.retention(duration(request.retention, retention_error(limits))?, limits.default_retention)?;
+            let retention =
+                limits.retention(duration(request.retention, retention_error(limits))?, limits.default_retention)?;
             let wait = limits.wait(duration(request.wait, InvalidInput::Wait { max: limits.max_wait })?)?;
             let claim = Claim {
                 fingerprint: Fingerprint::parse(&request.fingerprint)?,
@@ -53,7 +55,8 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                 owner: Owner::parse(&request.owner)?,
                 new_lease_token: LeaseToken::generate(),
             };
-            let outcome = self.coordinator.claim(&namespace, &key, &claim, wait_within(wait, deadline)).await?;
+            let answer_by = deadline.map(|deadline| tokio::time::Instant::now() + answer_within(deadline));
+            let outcome = self.coordinator.claim(&namespace, &key, &claim, wait, answer_by).await?;
             let (name, outcome) = match outcome {
                 ClaimOutcome::Acquired(grant) => (
                     if grant.takeover { "acquired_takeover" } else { "acquired" },
@@ -92,7 +95,10 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         .inspect_err(log_status)
     }
 
-    async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<GrpcResponse<pb::CompleteResponse>, Status> {
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<GrpcResponse<pb::CompleteResponse>, Status> {
         let request = request.into_inner();
         let span = tracing::info_span!("complete", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
         async move {
@@ -105,7 +111,8 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
             let response = limits.response(domain_response(request.response.unwrap_or_default()))?;
             let outcome =
                 self.coordinator.complete(&namespace, &key, Complete { lease_token, response, retention }).await?;
-            tracing::Span::current().record("outcome", if outcome.already_completed { "already_completed" } else { "completed" });
+            tracing::Span::current()
+                .record("outcome", if outcome.already_completed { "already_completed" } else { "completed" });
             Ok(GrpcResponse::new(pb::CompleteResponse {
                 completed_at: Some(timestamp(outcome.completed_at)),
                 expires_at: Some(timestamp(outcome.expires_at)),
@@ -251,16 +258,11 @@ fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
     })
 }
 
-/// Shortens a wait so that it ends before the call's deadline, leaving time to answer
+/// How long a waiting Claim may wait within the call's `deadline`, leaving time to answer
 /// `in_progress` instead of letting the call fail with DEADLINE_EXCEEDED.
-fn wait_within(wait: Duration, deadline: Option<Duration>) -> Duration {
-    match deadline {
-        None => wait,
-        Some(deadline) => {
-            let margin = (deadline / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
-            wait.min(deadline.saturating_sub(margin))
-        }
-    }
+fn answer_within(deadline: Duration) -> Duration {
+    let margin = (deadline / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
+    deadline.saturating_sub(margin)
 }
 
 impl From<InvalidInput> for Status {
@@ -298,7 +300,11 @@ impl From<Error> for Status {
         if let Error::StoreFull { max_records } = &error {
             metadata.insert("limit".to_owned(), max_records.to_string());
         }
-        Status::with_error_details(code, error.to_string(), ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata))
+        Status::with_error_details(
+            code,
+            error.to_string(),
+            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+        )
     }
 }
 
@@ -354,10 +360,10 @@ mod tests {
     #[test]
     fn waits_end_before_the_deadline() {
         let second = Duration::from_secs(1);
-        assert_eq!(wait_within(10 * second, None), 10 * second);
-        assert_eq!(wait_within(10 * second, Some(2 * second)), Duration::from_millis(1800));
-        assert_eq!(wait_within(Duration::from_millis(100), Some(2 * second)), Duration::from_millis(100));
-        assert_eq!(wait_within(second, Some(Duration::from_millis(10))), Duration::ZERO);
+        assert_eq!(answer_within(2 * second), Duration::from_millis(1800));
+        assert_eq!(answer_within(60 * second), Duration::from_millis(59_500));
+        assert_eq!(answer_within(Duration::from_millis(100)), Duration::from_millis(80));
+        assert_eq!(answer_within(Duration::from_millis(10)), Duration::ZERO);
     }
 
     #[test]

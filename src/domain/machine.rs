@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use super::record::{Lease, Record, RecordState};
-use super::values::{Fingerprint, FencingToken, LeaseToken, Owner, RequestId, Response, Timestamp};
+use super::values::{FencingToken, Fingerprint, LeaseToken, Owner, RequestId, Response, Timestamp};
 
 /// The longest `retry_after` hinted to a caller that finds a key in progress.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -372,11 +372,8 @@ pub fn release(now: Timestamp, current: Option<&Record>, command: &Release) -> R
     };
     match &record.state {
         RecordState::Held(lease) if lease.token == command.lease_token => {
-            let released = Record {
-                updated_at: now,
-                state: RecordState::Released { by: command.lease_token },
-                ..record.clone()
-            };
+            let released =
+                Record { updated_at: now, state: RecordState::Released { by: command.lease_token }, ..record.clone() };
             Ok(Transition { write: Some(released), outcome: () })
         }
         RecordState::Released { .. } => Ok(Transition::unchanged(())),
@@ -440,7 +437,12 @@ mod tests {
     }
 
     /// Applies a claim and returns the new record (or the old one) with the outcome.
-    fn apply_claim(now: Timestamp, record: Option<Record>, command: &Claim, counter: &mut Counter) -> (Option<Record>, ClaimOutcome) {
+    fn apply_claim(
+        now: Timestamp,
+        record: Option<Record>,
+        command: &Claim,
+        counter: &mut Counter,
+    ) -> (Option<Record>, ClaimOutcome) {
         let transition = claim(now, record.as_ref(), command, |floor| counter.next(floor)).expect("claim accepted");
         (transition.write.or(record), transition.outcome)
     }
@@ -498,8 +500,11 @@ mod tests {
                 retry_after: SECOND
             }
         );
-        let (_, near_end) = apply_claim(Timestamp::from_unix_millis(9_700), after, &claim_command(b"", ""), &mut counter);
-        assert!(matches!(near_end, ClaimOutcome::InProgress { retry_after, .. } if retry_after == Duration::from_millis(300)));
+        let (_, near_end) =
+            apply_claim(Timestamp::from_unix_millis(9_700), after, &claim_command(b"", ""), &mut counter);
+        assert!(
+            matches!(near_end, ClaimOutcome::InProgress { retry_after, .. } if retry_after == Duration::from_millis(300))
+        );
     }
 
     #[test]
@@ -527,7 +532,10 @@ mod tests {
         assert_eq!(complete(at(11), Some(&record), stale), Err(Rejection::LeaseLost));
         let renew_stale = Renew { lease_token: first.lease_token, lease_ttl: SECOND };
         assert_eq!(renew(at(11), Some(&record), &renew_stale), Err(Rejection::LeaseLost));
-        assert_eq!(release(at(11), Some(&record), &Release { lease_token: first.lease_token }), Err(Rejection::LeaseLost));
+        assert_eq!(
+            release(at(11), Some(&record), &Release { lease_token: first.lease_token }),
+            Err(Rejection::LeaseLost)
+        );
     }
 
     #[test]
@@ -559,11 +567,17 @@ mod tests {
     fn complete_stores_once_and_replays() {
         let mut counter = Counter(0);
         let (record, grant) = held_key(&mut counter);
-        let command = Complete { lease_token: grant.lease_token, response: response("paid"), retention: Some(50 * SECOND) };
+        let command =
+            Complete { lease_token: grant.lease_token, response: response("paid"), retention: Some(50 * SECOND) };
         let transition = complete(at(4), Some(&record), command).unwrap();
         assert_eq!(
             transition.outcome,
-            CompleteOutcome { completed_at: at(4), expires_at: at(54), fencing_token: grant.fencing_token, already_completed: false }
+            CompleteOutcome {
+                completed_at: at(4),
+                expires_at: at(54),
+                fencing_token: grant.fencing_token,
+                already_completed: false
+            }
         );
         let record = transition.write.unwrap();
         let retry = Complete { lease_token: grant.lease_token, response: response("different"), retention: None };
@@ -621,9 +635,15 @@ mod tests {
         let (record, grant) = completed_key(&mut counter);
         let own = Renew { lease_token: grant.lease_token, lease_ttl: SECOND };
         assert_eq!(renew(at(2), Some(&record), &own), Err(Rejection::AlreadyCompleted));
-        assert_eq!(release(at(2), Some(&record), &Release { lease_token: grant.lease_token }), Err(Rejection::AlreadyCompleted));
+        assert_eq!(
+            release(at(2), Some(&record), &Release { lease_token: grant.lease_token }),
+            Err(Rejection::AlreadyCompleted)
+        );
         let foreign = LeaseToken::generate();
-        assert_eq!(renew(at(2), Some(&record), &Renew { lease_token: foreign, lease_ttl: SECOND }), Err(Rejection::LeaseLost));
+        assert_eq!(
+            renew(at(2), Some(&record), &Renew { lease_token: foreign, lease_ttl: SECOND }),
+            Err(Rejection::LeaseLost)
+        );
         assert_eq!(release(at(2), Some(&record), &Release { lease_token: foreign }), Err(Rejection::LeaseLost));
     }
 
@@ -633,7 +653,8 @@ mod tests {
         let (record, grant) = held_key(&mut counter);
         let foreign = Release { lease_token: LeaseToken::generate() };
         assert_eq!(release(at(1), Some(&record), &foreign), Err(Rejection::LeaseLost));
-        let released = release(at(1), Some(&record), &Release { lease_token: grant.lease_token }).unwrap().write.unwrap();
+        let released =
+            release(at(1), Some(&record), &Release { lease_token: grant.lease_token }).unwrap().write.unwrap();
         assert_eq!(lookup(at(1), Some(&released)).unwrap().state, KeyState::Released);
         let again = release(at(2), Some(&released), &Release { lease_token: grant.lease_token }).unwrap();
         assert_eq!(again.write, None);
@@ -654,7 +675,10 @@ mod tests {
         assert_eq!(end, at(101));
         assert!(lookup(Timestamp::from_unix_millis(end.unix_millis() - 1), Some(&record)).is_ok());
         assert_eq!(lookup(end, Some(&record)), Err(Rejection::NotFound));
-        assert_eq!(renew(end, Some(&record), &Renew { lease_token: grant.lease_token, lease_ttl: SECOND }), Err(Rejection::LeaseLost));
+        assert_eq!(
+            renew(end, Some(&record), &Renew { lease_token: grant.lease_token, lease_ttl: SECOND }),
+            Err(Rejection::LeaseLost)
+        );
         assert_eq!(release(end, Some(&record), &Release { lease_token: grant.lease_token }).unwrap().write, None);
         let (fresh, outcome) = apply_claim(end, Some(record), &claim_command(b"new", ""), &mut counter);
         let grant_after = acquired(&outcome);
@@ -668,7 +692,10 @@ mod tests {
         let mut counter = Counter(0);
         let (held, grant) = held_key(&mut counter);
         let view = lookup(at(1), Some(&held)).unwrap();
-        assert_eq!((view.state, view.lease_expires_at, view.fencing_token), (KeyState::InProgress, Some(at(10)), grant.fencing_token));
+        assert_eq!(
+            (view.state, view.lease_expires_at, view.fencing_token),
+            (KeyState::InProgress, Some(at(10)), grant.fencing_token)
+        );
         assert_eq!(view.owner.as_str(), "pod-a");
         assert_eq!(lookup(at(10), Some(&held)).unwrap().state, KeyState::LeaseExpired);
         let (completed, _) = completed_key(&mut counter);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::values::{Fingerprint, FencingToken, LeaseToken, Owner, RequestId, Response, Timestamp};
+use super::values::{FencingToken, Fingerprint, LeaseToken, Owner, RequestId, Response, Timestamp};
 
 /// Everything remembered about one key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -244,9 +244,7 @@ pub struct Owner(String);
 impl Owner {
     /// Validates an owner name as sent by a client.
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
-        parse_short_text(raw)
-            .map(Owner)
-            .ok_or(InvalidInput::Owner { max: SHORT_TEXT_MAX_BYTES })
+        parse_short_text(raw).map(Owner).ok_or(InvalidInput::Owner { max: SHORT_TEXT_MAX_BYTES })
     }
 
     /// The owner as text.
@@ -469,7 +467,10 @@ mod tests {
         check(limits.response(response.clone()), None);
         let mut too_large = response;
         too_large.body.push(0);
-        check(limits.response(too_large), Some(InvalidInput::ResponseTooLarge { size: 1024 * 1024 + 1, max: 1024 * 1024 }));
+        check(
+            limits.response(too_large),
+            Some(InvalidInput::ResponseTooLarge { size: 1024 * 1024 + 1, max: 1024 * 1024 }),
+        );
     }
 
     #[test]

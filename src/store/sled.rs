@@ -130,13 +130,14 @@ impl SledStore {
             .flush_every_ms(flush_every_ms)
             .open()
             .map_err(|source| OpenError::Sled { path: path.clone(), source })?;
-        let reserved = match db.get(FENCING_RESERVATION).map_err(|source| OpenError::Sled { path: path.clone(), source })? {
-            None => 0,
-            Some(bytes) => read_u64(&bytes).ok_or_else(|| OpenError::Corrupt {
-                path: path.clone(),
-                reason: "the fencing token reservation is malformed".to_owned(),
-            })?,
-        };
+        let reserved =
+            match db.get(FENCING_RESERVATION).map_err(|source| OpenError::Sled { path: path.clone(), source })? {
+                None => 0,
+                Some(bytes) => read_u64(&bytes).ok_or_else(|| OpenError::Corrupt {
+                    path: path.clone(),
+                    reason: "the fencing token reservation is malformed".to_owned(),
+                })?,
+            };
         let mut records = 0u64;
         for entry in db.scan_prefix([RECORD_PREFIX]).keys() {
             entry.map_err(|source| OpenError::Sled { path: path.clone(), source })?;
@@ -144,8 +145,10 @@ impl SledStore {
         }
         let commit = match options.durability {
             Durability::Strict => Some(
-                GroupCommit::start(durable_flush(db.clone(), &path).map_err(|source| OpenError::Io { path: path.clone(), source })?)
-                    .map_err(|source| OpenError::Io { path: path.clone(), source })?,
+                GroupCommit::start(
+                    durable_flush(db.clone(), &path).map_err(|source| OpenError::Io { path: path.clone(), source })?,
+                )
+                .map_err(|source| OpenError::Io { path: path.clone(), source })?,
             ),
             Durability::Relaxed => None,
         };
@@ -163,7 +166,8 @@ impl SledStore {
 
     fn stripe(&self, record_key: &[u8]) -> &Mutex<Stripe> {
         // FNV-1a: cheap, and keys are not attacker-controlled in a way that matters for locks.
-        let hash = record_key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+        let hash =
+            record_key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
         &self.stripes[(hash % STRIPES as u64) as usize]
     }
 
@@ -254,9 +258,23 @@ impl SledStore {
         }
     }
 
+    /// A digest of every stored byte (records, index and metadata), to show that a call
+    /// changed nothing. Reads the whole store: for tests and diagnostics, not for the hot path.
+    pub fn contents_digest(&self) -> Result<u64, StoreError> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for entry in self.db.iter() {
+            let (key, value) = entry.map_err(unavailable)?;
+            key.hash(&mut hasher);
+            value.hash(&mut hasher);
+        }
+        Ok(hasher.finish())
+    }
+
     /// One sweep batch; blocking, so the caller runs it off the async workers.
     fn sweep_blocking(&self, now: Timestamp, batch: usize) -> Result<SweepReport, StoreError> {
-        let end = index_key(now, &[]);
+        // Entries expiring at `now` are expired too: the range ends just after `now`.
+        let end = index_key(now.plus(std::time::Duration::from_millis(1)), &[]);
         let mut report = SweepReport::default();
         for entry in self.db.range([INDEX_PREFIX].as_slice()..end.as_slice()).keys() {
             if report.scanned == batch {
@@ -288,7 +306,13 @@ impl SledStore {
 }
 
 impl Store for SledStore {
-    async fn claim(&self, namespace: &Namespace, key: &Key, now: Timestamp, command: &Claim) -> Result<ClaimOutcome, StoreError> {
+    async fn claim(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Claim,
+    ) -> Result<ClaimOutcome, StoreError> {
         self.update(namespace, key, |current| {
             let mut drawn = Ok(FencingToken(0));
             let transition = machine::claim(now, current, command, |floor| {
@@ -301,15 +325,33 @@ impl Store for SledStore {
         .await
     }
 
-    async fn complete(&self, namespace: &Namespace, key: &Key, now: Timestamp, command: Complete) -> Result<CompleteOutcome, StoreError> {
+    async fn complete(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: Complete,
+    ) -> Result<CompleteOutcome, StoreError> {
         self.update(namespace, key, |current| Ok(machine::complete(now, current, command)?)).await
     }
 
-    async fn renew(&self, namespace: &Namespace, key: &Key, now: Timestamp, command: &Renew) -> Result<RenewOutcome, StoreError> {
+    async fn renew(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Renew,
+    ) -> Result<RenewOutcome, StoreError> {
         self.update(namespace, key, |current| Ok(machine::renew(now, current, command)?)).await
     }
 
-    async fn release(&self, namespace: &Namespace, key: &Key, now: Timestamp, command: &Release) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Release,
+    ) -> Result<(), StoreError> {
         self.update(namespace, key, |current| Ok(machine::release(now, current, command)?)).await
     }
 

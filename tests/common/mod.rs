@@ -1,0 +1,224 @@
+//! Test support: a coordinator served on a loopback port with a manual clock and a temporary
+//! data directory, restartable on the same directory, stopped on drop.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use idempotency_coordinator::clock::ManualClock;
+use idempotency_coordinator::domain::Timestamp;
+use idempotency_coordinator::pb;
+use idempotency_coordinator::pb::coordinator_client::CoordinatorClient;
+use idempotency_coordinator::server::{self, ServeOptions, ServerError};
+use idempotency_coordinator::store::SweepReport;
+use idempotency_coordinator::{Config, Coordinator, SledStore};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+/// 2026-01-01T00:00:00Z: tests start here and move the clock by hand.
+pub const START: Timestamp = Timestamp::from_unix_millis(1_767_225_600_000);
+
+pub struct TestServer {
+    pub clock: ManualClock,
+    pub config: Config,
+    pub addr: SocketAddr,
+    coordinator: Option<Arc<Coordinator<SledStore>>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+    _dir: TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with the default configuration changed by `configure`.
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut config = Config::for_tests("127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
+        // The sweeper is driven by hand in tests, through `sweep`.
+        config.sweep_interval = Duration::from_secs(3600);
+        configure(&mut config);
+        let mut server = TestServer {
+            clock: ManualClock::new(START),
+            config,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            coordinator: None,
+            stop: None,
+            task: None,
+            _dir: dir,
+        };
+        server.launch().await;
+        server
+    }
+
+    async fn launch(&mut self) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        self.addr = listener.local_addr().unwrap();
+        let coordinator = server::open(&self.config, Arc::new(self.clock.clone())).expect("the store opens");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let options = ServeOptions::from(&self.config);
+        self.task = Some(tokio::spawn(server::serve(listener, Arc::clone(&coordinator), options, async move {
+            let _ = stopped.await;
+        })));
+        self.coordinator = Some(coordinator);
+        self.stop = Some(stop);
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    pub fn coordinator(&self) -> &Coordinator<SledStore> {
+        self.coordinator.as_ref().expect("the server runs")
+    }
+
+    pub async fn client(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(self.channel().await)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.expect("the server accepts")
+    }
+
+    /// Stops the server gracefully and waits until its store is closed.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("the server task does not panic").expect("the server stops cleanly");
+        }
+        self.coordinator = None;
+    }
+
+    /// Stops the server and starts it again on the same data directory and clock.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.launch().await;
+    }
+
+    /// Runs the sweeper until nothing expired is left.
+    pub async fn sweep(&self) -> SweepReport {
+        let mut total = SweepReport::default();
+        loop {
+            let report = self.coordinator().sweep(100).await.expect("sweeping works");
+            total.deleted += report.deleted;
+            total.scanned += report.scanned;
+            if !report.more {
+                return total;
+            }
+        }
+    }
+
+    pub fn digest(&self) -> u64 {
+        self.coordinator().store().contents_digest().expect("the store reads")
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub fn secs(seconds: i64) -> prost_types::Duration {
+    prost_types::Duration { seconds, nanos: 0 }
+}
+
+pub fn millis(millis: i64) -> prost_types::Duration {
+    prost_types::Duration { seconds: millis / 1000, nanos: ((millis % 1000) * 1_000_000) as i32 }
+}
+
+pub fn claim_request(key: &str, fingerprint: &[u8]) -> pb::ClaimRequest {
+    pb::ClaimRequest {
+        namespace: "payments".into(),
+        key: key.into(),
+        fingerprint: fingerprint.to_vec(),
+        lease_ttl: Some(secs(10)),
+        retention: Some(secs(3600)),
+        ..Default::default()
+    }
+}
+
+pub fn response(body: &[u8]) -> pb::Response {
+    pb::Response { body: body.to_vec(), metadata: [("status".to_owned(), "201".to_owned())].into() }
+}
+
+pub fn complete_request(key: &str, lease_token: &str, body: &[u8]) -> pb::CompleteRequest {
+    pb::CompleteRequest {
+        namespace: "payments".into(),
+        key: key.into(),
+        lease_token: lease_token.into(),
+        response: Some(response(body)),
+        retention: None,
+    }
+}
+
+pub fn release_request(key: &str, lease_token: &str) -> pb::ReleaseRequest {
+    pb::ReleaseRequest { namespace: "payments".into(), key: key.into(), lease_token: lease_token.into() }
+}
+
+pub fn renew_request(key: &str, lease_token: &str, ttl: prost_types::Duration) -> pb::RenewRequest {
+    pb::RenewRequest {
+        namespace: "payments".into(),
+        key: key.into(),
+        lease_token: lease_token.into(),
+        lease_ttl: Some(ttl),
+    }
+}
+
+pub fn lookup_request(key: &str) -> pb::LookupRequest {
+    pb::LookupRequest { namespace: "payments".into(), key: key.into() }
+}
+
+pub fn outcome(response: pb::ClaimResponse) -> pb::claim_response::Outcome {
+    response.outcome.expect("a claim always has an outcome")
+}
+
+pub fn acquired(response: pb::ClaimResponse) -> pb::Acquired {
+    match outcome(response) {
+        pb::claim_response::Outcome::Acquired(acquired) => acquired,
+        other => panic!("expected acquired, got {other:?}"),
+    }
+}
+
+pub fn in_progress(response: pb::ClaimResponse) -> pb::InProgress {
+    match outcome(response) {
+        pb::claim_response::Outcome::InProgress(in_progress) => in_progress,
+        other => panic!("expected in_progress, got {other:?}"),
+    }
+}
+
+pub fn completed(response: pb::ClaimResponse) -> pb::Completed {
+    match outcome(response) {
+        pb::claim_response::Outcome::Completed(completed) => completed,
+        other => panic!("expected completed, got {other:?}"),
+    }
+}
+
+/// Asserts a status's code and its ErrorInfo reason and domain.
+pub fn assert_status(status: &Status, code: Code, reason: &str) {
+    assert_eq!(status.code(), code, "status: {status:?}");
+    let info = status.get_details_error_info().unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, reason, "status: {status:?}");
+    assert_eq!(info.domain, "idempotency.v1");
+}
+
+/// Claims `key` and expects to acquire it.
+pub async fn claim_acquired(client: &mut CoordinatorClient<Channel>, key: &str) -> pb::Acquired {
+    acquired(client.claim(claim_request(key, b"fp")).await.expect("claim works").into_inner())
+}

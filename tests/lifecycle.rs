@@ -1,0 +1,287 @@
+//! The server's life: restarts keep every acknowledged state, kill -9 loses nothing acknowledged,
+//! health and reflection, draining on shutdown, and refusing to start on a bad data directory.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use idempotency_coordinator::pb;
+use idempotency_coordinator::store::Store;
+use idempotency_coordinator::store::sled::{Durability, SledOptions, SledStore};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_every_acknowledged_state_and_fencing_keeps_increasing() {
+    let mut server = TestServer::start().await;
+    let mut client = server.client().await;
+    let held = claim_acquired(&mut client, "held").await;
+    let done = claim_acquired(&mut client, "done").await;
+    let mut stored = response(b"\x00binary\xffbody");
+    stored.metadata.insert("location".into(), "/payments/pay_abc123".into());
+    let mut request = complete_request("done", &done.lease_token, b"");
+    request.response = Some(stored.clone());
+    client.complete(request).await.unwrap();
+    let released = claim_acquired(&mut client, "released").await;
+    client.release(release_request("released", &released.lease_token)).await.unwrap();
+    let highest = [held.fencing_token, done.fencing_token, released.fencing_token].into_iter().max().unwrap();
+
+    server.restart().await;
+    let mut client = server.client().await;
+    let busy = in_progress(client.claim(claim_request("held", b"fp")).await.unwrap().into_inner());
+    assert_eq!(busy.lease_expires_at, held.lease_expires_at);
+    let replay = completed(client.claim(claim_request("done", b"fp")).await.unwrap().into_inner());
+    assert_eq!(replay.response, Some(stored));
+    let status = client.claim(claim_request("done", b"other")).await.unwrap_err();
+    assert_status(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
+    // The holder's token still works after the restart.
+    client.renew(renew_request("held", &held.lease_token, secs(10))).await.unwrap();
+    let again = claim_acquired(&mut client, "released").await;
+    assert!(again.fencing_token > highest);
+    let fresh = claim_acquired(&mut client, "fresh").await;
+    assert!(fresh.fencing_token > again.fencing_token);
+    assert_eq!(server.coordinator().store().record_count(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_tokens_keep_increasing_after_a_sweep_and_a_restart() {
+    let mut server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut request = claim_request("swept", b"");
+    request.retention = Some(secs(1));
+    request.lease_ttl = Some(secs(1));
+    let first = acquired(client.claim(request.clone()).await.unwrap().into_inner());
+    server.advance(Duration::from_secs(1));
+    assert_eq!(server.sweep().await.deleted, 1);
+    server.restart().await;
+    let mut client = server.client().await;
+    let second = acquired(client.claim(request).await.unwrap().into_inner());
+    assert!(second.fencing_token > first.fencing_token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_serving_for_the_server_and_the_service() {
+    let server = TestServer::start().await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "idempotency.v1.Coordinator"] {
+        let reply = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(reply.status(), ServingStatus::Serving, "service {service:?}");
+    }
+    let status = health.check(HealthCheckRequest { service: "nope".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_in_v1_and_v1alpha() {
+    use tokio_stream::StreamExt;
+    let server = TestServer::start().await;
+    let channel = server.channel().await;
+
+    let mut v1 = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut replies = v1.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let reply = replies.next().await.unwrap().unwrap();
+    let Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("expected a service list, got {reply:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"idempotency.v1.Coordinator".to_owned()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+
+    let mut v1alpha = tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "idempotency.v1.Coordinator".into(),
+            ),
+        ),
+    };
+    let mut replies = v1alpha.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let reply = replies.next().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            reply.message_response,
+            Some(tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f))
+                if !f.file_descriptor_proto.is_empty()
+        ),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_answers_waiting_claims_and_refuses_new_calls() {
+    let mut server = TestServer::start().await;
+    let mut client = server.client().await;
+    claim_acquired(&mut client, "busy").await;
+    let mut waiter_client = client.clone();
+    let waiter = tokio::spawn(async move {
+        let request = pb::ClaimRequest { wait: Some(secs(60)), ..claim_request("busy", b"fp") };
+        waiter_client.claim(request).await
+    });
+    for _ in 0..10_000 {
+        if server.coordinator().waiting_keys() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    server.coordinator().drain();
+    in_progress(waiter.await.unwrap().expect("the waiting claim is answered").into_inner());
+    let status = client.lookup(lookup_request("busy")).await.unwrap_err();
+    assert_status(&status, Code::Unavailable, "SHUTTING_DOWN");
+    server.stop().await;
+}
+
+/// The path of the server binary that cargo built for these tests.
+const BINARY: &str = env!("CARGO_BIN_EXE_idempotency-coordinator");
+
+/// Runs the binary on `data_dir` and returns its exit success and everything it logged.
+fn run_to_exit(data_dir: &Path) -> (bool, String) {
+    let output = Command::new(BINARY)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("the binary runs");
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn a_locked_data_directory_stops_the_server_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SledOptions {
+        path: dir.path().join("data"),
+        durability: Durability::Strict,
+        max_records: 10,
+        cache_capacity_bytes: 1 << 20,
+    };
+    let _holder = SledStore::open(&options).expect("the first opener wins");
+    let (success, log) = run_to_exit(&options.path);
+    assert!(!success, "started on a locked directory: {log}");
+    assert!(log.contains("cannot open the data directory"), "{log}");
+}
+
+#[test]
+fn a_data_directory_that_is_a_file_stops_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"x").unwrap();
+    let (success, log) = run_to_exit(&file);
+    assert!(!success, "{log}");
+    assert!(log.contains("cannot open the data directory"), "{log}");
+}
+
+#[test]
+fn a_corrupt_data_directory_stops_the_server_instead_of_starting_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("conf"), b"this is not sled's configuration").unwrap();
+    std::fs::write(data.join("db"), vec![0xAB; 4096]).unwrap();
+    let (success, log) = run_to_exit(&data);
+    assert!(!success, "started on a corrupt directory: {log}");
+    assert!(log.contains("data directory"), "{log}");
+    assert_eq!(std::fs::read(data.join("conf")).unwrap(), b"this is not sled's configuration", "it overwrote the data");
+}
+
+/// A server binary running as a child process, with its actual address read from its log.
+struct ChildServer {
+    child: Child,
+    addr: String,
+}
+
+impl ChildServer {
+    fn start(data_dir: &Path) -> ChildServer {
+        let mut child = Command::new(BINARY)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines.next().expect("the server logs until it serves").unwrap();
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        ChildServer { child, addr }
+    }
+
+    async fn client(&self) -> pb::coordinator_client::CoordinatorClient<tonic::transport::Channel> {
+        pb::coordinator_client::CoordinatorClient::connect(format!("http://{}", self.addr)).await.unwrap()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_change_and_sigterm_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = ChildServer::start(&data);
+    let mut client = server.client().await;
+    let mut completed_keys = Vec::new();
+    let mut held_tokens = Vec::new();
+    for i in 0..50 {
+        let key = format!("k-{i}");
+        let grant = claim_acquired(&mut client, &key).await;
+        if i % 2 == 0 {
+            client.complete(complete_request(&key, &grant.lease_token, key.as_bytes())).await.unwrap();
+            completed_keys.push(key);
+        } else {
+            held_tokens.push((key, grant));
+        }
+    }
+    server.signal("-KILL");
+    drop(server);
+
+    let server = ChildServer::start(&data);
+    let mut client = server.client().await;
+    for key in &completed_keys {
+        let replay = completed(client.claim(claim_request(key, b"fp")).await.unwrap().into_inner());
+        assert_eq!(replay.response.unwrap().body, key.as_bytes());
+    }
+    for (key, grant) in &held_tokens {
+        let view = client.lookup(lookup_request(key)).await.unwrap().into_inner();
+        assert_eq!(view.fencing_token, grant.fencing_token);
+        client
+            .complete(complete_request(key, &grant.lease_token, b"after crash"))
+            .await
+            .expect("the holder keeps its lease");
+    }
+    let fresh = claim_acquired(&mut client, "fresh").await;
+    assert!(held_tokens.iter().all(|(_, grant)| fresh.fencing_token > grant.fencing_token));
+
+    let mut server = server;
+    server.signal("-TERM");
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "SIGTERM exit: {status:?}");
+}
