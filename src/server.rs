@@ -113,14 +113,17 @@ pub async fn serve<S: Store>(
     let sweeper =
         sweeper::spawn(Arc::clone(&coordinator), options.sweep_interval, options.sweep_batch, stop_background.clone());
 
+    // The error-details descriptors let reflection clients (grpcurl) decode ErrorInfo.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor sets are valid");
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
     let max_message = coordinator.limits().max_response_bytes + MESSAGE_OVERHEAD_BYTES;

@@ -88,6 +88,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                 ),
             };
             tracing::Span::current().record("outcome", name);
+            tracing::debug!("answered");
             Ok(GrpcResponse::new(pb::ClaimResponse { outcome: Some(outcome) }))
         }
         .instrument(span)
@@ -113,6 +114,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                 self.coordinator.complete(&namespace, &key, Complete { lease_token, response, retention }).await?;
             tracing::Span::current()
                 .record("outcome", if outcome.already_completed { "already_completed" } else { "completed" });
+            tracing::debug!("answered");
             Ok(GrpcResponse::new(pb::CompleteResponse {
                 completed_at: Some(timestamp(outcome.completed_at)),
                 expires_at: Some(timestamp(outcome.expires_at)),
@@ -135,6 +137,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
             let lease_ttl = limits.lease_ttl(duration(request.lease_ttl, lease_ttl_error(limits))?)?;
             let outcome = self.coordinator.renew(&namespace, &key, &Renew { lease_token, lease_ttl }).await?;
             tracing::Span::current().record("outcome", "renewed");
+            tracing::debug!("answered");
             Ok(GrpcResponse::new(pb::RenewResponse {
                 lease_expires_at: Some(timestamp(outcome.lease_expires_at)),
                 fencing_token: outcome.fencing_token.0,
@@ -153,6 +156,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
             let lease_token = LeaseToken::parse(&request.lease_token)?;
             self.coordinator.release(&namespace, &key, &Release { lease_token }).await?;
             tracing::Span::current().record("outcome", "released");
+            tracing::debug!("answered");
             Ok(GrpcResponse::new(pb::ReleaseResponse {}))
         }
         .instrument(span)
@@ -173,6 +177,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                 KeyState::Completed => pb::KeyState::Completed,
             };
             tracing::Span::current().record("outcome", state.as_str_name());
+            tracing::debug!("answered");
             let (response, completed_at) = match view.completed {
                 Some((response, at)) => (Some(pb_response(response)), Some(timestamp(at))),
                 None => (None, None),
