@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -151,7 +150,7 @@ pub async fn serve<S: Store>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(coordinator_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain_signal);
+        .serve_with_incoming_shutdown(incoming(listener), drain_signal);
     tokio::pin!(server);
     let served = tokio::select! {
         result = &mut server => result,
@@ -170,6 +169,15 @@ pub async fn serve<S: Store>(
     tracing::info!("stopped");
     served?;
     closed
+}
+
+/// Accepted connections with TCP_NODELAY: without it, Nagle's algorithm holds back the second
+/// write of a reply (headers, then body) until the client's delayed ACK, about 40 ms per call.
+/// Keepalive probes find dead clients' connections so they do not pile up.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
 }
 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
