@@ -11,6 +11,7 @@
 //! - [`service`]: the gRPC adapter and the error-to-status mapping.
 //! - [`sweeper`]: deletes expired records in the background.
 //! - [`server`]: wires everything and serves until told to stop.
+//! - [`bench`]: the load generator behind `idempotency-bench` (a client; nothing above uses it).
 
 pub mod pb;
 
@@ -25,6 +26,8 @@ pub mod service;
 pub mod sweeper;
 
 pub mod server;
+
+pub mod bench;
 
 pub use config::Config;
 pub use coordinator::Coordinator;

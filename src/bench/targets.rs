@@ -1,0 +1,335 @@
+//! What the load generator talks to: the coordinator over gRPC, or the same operations built by
+//! hand the way users do on PostgreSQL (one table, conditional statements) and Redis (SET NX PX
+//! semantics and Lua compare-and-set), so that one tool and one load shape compare them.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tonic::transport::{Channel, Endpoint};
+use uuid::Uuid;
+
+use crate::pb;
+use crate::pb::coordinator_client::CoordinatorClient;
+
+/// The namespace the generator uses on the coordinator.
+pub const NAMESPACE: &str = "bench";
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// The caller holds the key with this token.
+    Acquired(String),
+    /// Someone else holds it.
+    InProgress,
+    /// A response of this many bytes is stored.
+    Completed(usize),
+}
+
+/// One connection's client for a target.
+#[derive(Clone)]
+pub enum Client {
+    /// The coordinator.
+    Coordinator {
+        /// Its gRPC service.
+        coordinator: CoordinatorClient<Channel>,
+        /// Its health service, the transport's own ceiling.
+        health: tonic_health::pb::health_client::HealthClient<Channel>,
+    },
+    /// Hand-rolled idempotency on PostgreSQL.
+    Postgres(std::sync::Arc<tokio_postgres::Client>),
+    /// Hand-rolled idempotency on Redis.
+    Redis(redis::aio::MultiplexedConnection),
+}
+
+/// An operation failed; the string is its status code (or the backend's error kind).
+pub type OpError = String;
+
+const PG_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS bench_idempotency (
+    key text PRIMARY KEY,
+    fingerprint bytea,
+    lease_token uuid,
+    lease_expires_at timestamptz,
+    fencing_token bigint NOT NULL,
+    response bytea,
+    completed_at timestamptz
+);
+CREATE SEQUENCE IF NOT EXISTS bench_fencing;
+";
+
+/// Claim in one statement: insert, or take over a lapsed unfinished lease, else report the row.
+const PG_CLAIM: &str = "
+WITH granted AS (
+    INSERT INTO bench_idempotency AS t (key, fingerprint, lease_token, lease_expires_at, fencing_token)
+    VALUES ($1, $2, $3, clock_timestamp() + $4 * interval '1 millisecond', nextval('bench_fencing'))
+    ON CONFLICT (key) DO UPDATE
+        SET lease_token = EXCLUDED.lease_token, lease_expires_at = EXCLUDED.lease_expires_at,
+            fencing_token = EXCLUDED.fencing_token
+        WHERE t.response IS NULL AND (t.lease_token IS NULL OR t.lease_expires_at < clock_timestamp())
+    RETURNING t.lease_token
+)
+SELECT lease_token, NULL::bytea AS response FROM granted
+UNION ALL
+SELECT NULL, response FROM bench_idempotency WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM granted)";
+
+const PG_COMPLETE: &str = "
+UPDATE bench_idempotency SET response = $3, completed_at = clock_timestamp(), lease_token = NULL
+WHERE key = $1 AND lease_token = $2 AND response IS NULL";
+
+const PG_RELEASE: &str = "
+UPDATE bench_idempotency SET lease_token = NULL WHERE key = $1 AND lease_token = $2 AND response IS NULL";
+
+const PG_LOOKUP: &str = "SELECT lease_expires_at, response FROM bench_idempotency WHERE key = $1";
+
+/// Claim in one round trip: a stored response wins; else SET NX PX on the lock, with a fencing counter.
+const REDIS_CLAIM: &str = "
+local response = redis.call('GET', KEYS[1])
+if response then return {2, response} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    redis.call('INCR', 'bench:fencing')
+    return {1}
+end
+return {0}";
+
+/// Complete as a compare-and-set on the lock token.
+const REDIS_COMPLETE: &str = "
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    redis.call('DEL', KEYS[2])
+    return 1
+end
+return 0";
+
+const REDIS_RELEASE: &str = "
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+    redis.call('DEL', KEYS[2])
+    return 1
+end
+return 0";
+
+/// How long hand-rolled targets keep a response (the coordinator's default retention).
+const RETENTION_MILLIS: u64 = 24 * 3600 * 1000;
+
+impl Client {
+    /// Opens `connections` clients to `target` (`http://` coordinator, `postgres://`, `redis://`).
+    pub async fn connect_all(
+        target: &str,
+        connections: usize,
+        synchronous_commit: bool,
+    ) -> anyhow::Result<Vec<Client>> {
+        let mut clients = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            clients.push(Client::connect(target, synchronous_commit).await?);
+        }
+        if let Some(Client::Postgres(client)) = clients.first() {
+            client.batch_execute(PG_SCHEMA).await.context("creating the benchmark table")?;
+        }
+        Ok(clients)
+    }
+
+    async fn connect(target: &str, synchronous_commit: bool) -> anyhow::Result<Client> {
+        if target.starts_with("http://") || target.starts_with("https://") {
+            let channel = Endpoint::from_shared(target.to_owned())?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {target}"))?;
+            Ok(Client::Coordinator {
+                coordinator: CoordinatorClient::new(channel.clone()),
+                health: tonic_health::pb::health_client::HealthClient::new(channel),
+            })
+        } else if target.starts_with("postgres://") || target.starts_with("postgresql://") {
+            let (client, connection) = tokio_postgres::connect(target, tokio_postgres::NoTls)
+                .await
+                .with_context(|| format!("connecting to {target}"))?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    eprintln!("postgres connection ended: {error}");
+                }
+            });
+            let mode = if synchronous_commit { "on" } else { "off" };
+            client.batch_execute(&format!("SET synchronous_commit = {mode}")).await?;
+            Ok(Client::Postgres(std::sync::Arc::new(client)))
+        } else if target.starts_with("redis://") {
+            let client = redis::Client::open(target)?;
+            let connection =
+                client.get_multiplexed_async_connection().await.with_context(|| format!("connecting to {target}"))?;
+            Ok(Client::Redis(connection))
+        } else {
+            bail!("unknown target {target}: use http://host:port, postgres://… or redis://…")
+        }
+    }
+
+    /// Whether the target has a health service.
+    pub fn has_health(&self) -> bool {
+        matches!(self, Client::Coordinator { .. })
+    }
+
+    /// Claims `key` with a lease of `lease`.
+    pub async fn claim(&mut self, key: &str, fingerprint: &[u8], lease: Duration) -> Result<Claimed, OpError> {
+        match self {
+            Client::Coordinator { coordinator, .. } => {
+                let request = pb::ClaimRequest {
+                    namespace: NAMESPACE.to_owned(),
+                    key: key.to_owned(),
+                    fingerprint: fingerprint.to_vec(),
+                    lease_ttl: Some(prost_types::Duration { seconds: lease.as_secs() as i64, nanos: 0 }),
+                    ..Default::default()
+                };
+                let reply = coordinator.claim(request).await.map_err(|s| format!("{:?}", s.code()))?.into_inner();
+                Ok(match reply.outcome {
+                    Some(pb::claim_response::Outcome::Acquired(a)) => Claimed::Acquired(a.lease_token),
+                    Some(pb::claim_response::Outcome::InProgress(_)) => Claimed::InProgress,
+                    Some(pb::claim_response::Outcome::Completed(c)) => {
+                        Claimed::Completed(c.response.map_or(0, |r| r.body.len()))
+                    }
+                    None => return Err("NoOutcome".to_owned()),
+                })
+            }
+            Client::Postgres(client) => {
+                let token = Uuid::new_v4();
+                let millis = lease.as_millis() as f64;
+                let rows =
+                    client.query(PG_CLAIM, &[&key, &fingerprint, &token, &millis]).await.map_err(|e| pg_code(&e))?;
+                let row = rows.first().ok_or("NoRow")?;
+                let granted: Option<Uuid> = row.get(0);
+                let response: Option<Vec<u8>> = row.get(1);
+                Ok(match (granted, response) {
+                    (Some(token), _) => Claimed::Acquired(token.to_string()),
+                    (None, Some(body)) => Claimed::Completed(body.len()),
+                    (None, None) => Claimed::InProgress,
+                })
+            }
+            Client::Redis(connection) => {
+                let token = Uuid::new_v4().to_string();
+                let reply: Vec<redis::Value> = redis::Script::new(REDIS_CLAIM)
+                    .key(format!("bench:resp:{key}"))
+                    .key(format!("bench:lock:{key}"))
+                    .arg(&token)
+                    .arg(lease.as_millis() as u64)
+                    .invoke_async(connection)
+                    .await
+                    .map_err(|e| redis_code(&e))?;
+                Ok(match reply.first() {
+                    Some(redis::Value::Int(1)) => Claimed::Acquired(token),
+                    Some(redis::Value::Int(2)) => match reply.get(1) {
+                        Some(redis::Value::BulkString(body)) => Claimed::Completed(body.len()),
+                        _ => Claimed::Completed(0),
+                    },
+                    _ => Claimed::InProgress,
+                })
+            }
+        }
+    }
+
+    /// Stores `body` as the response of `key`, held with `token`.
+    pub async fn complete(&mut self, key: &str, token: &str, body: &[u8]) -> Result<(), OpError> {
+        match self {
+            Client::Coordinator { coordinator, .. } => {
+                let request = pb::CompleteRequest {
+                    namespace: NAMESPACE.to_owned(),
+                    key: key.to_owned(),
+                    lease_token: token.to_owned(),
+                    response: Some(pb::Response { body: body.to_vec(), metadata: Default::default() }),
+                    retention: None,
+                };
+                coordinator.complete(request).await.map_err(|s| format!("{:?}", s.code()))?;
+                Ok(())
+            }
+            Client::Postgres(client) => {
+                let token: Uuid = token.parse().map_err(|_| "BadToken")?;
+                let updated = client.execute(PG_COMPLETE, &[&key, &token, &body]).await.map_err(|e| pg_code(&e))?;
+                if updated == 1 { Ok(()) } else { Err("LeaseLost".to_owned()) }
+            }
+            Client::Redis(connection) => {
+                let stored: i64 = redis::Script::new(REDIS_COMPLETE)
+                    .key(format!("bench:resp:{key}"))
+                    .key(format!("bench:lock:{key}"))
+                    .arg(token)
+                    .arg(body)
+                    .arg(RETENTION_MILLIS)
+                    .invoke_async(connection)
+                    .await
+                    .map_err(|e| redis_code(&e))?;
+                if stored == 1 { Ok(()) } else { Err("LeaseLost".to_owned()) }
+            }
+        }
+    }
+
+    /// Gives `key` back.
+    pub async fn release(&mut self, key: &str, token: &str) -> Result<(), OpError> {
+        match self {
+            Client::Coordinator { coordinator, .. } => {
+                let request = pb::ReleaseRequest {
+                    namespace: NAMESPACE.to_owned(),
+                    key: key.to_owned(),
+                    lease_token: token.to_owned(),
+                };
+                coordinator.release(request).await.map_err(|s| format!("{:?}", s.code()))?;
+                Ok(())
+            }
+            Client::Postgres(client) => {
+                let token: Uuid = token.parse().map_err(|_| "BadToken")?;
+                client.execute(PG_RELEASE, &[&key, &token]).await.map_err(|e| pg_code(&e))?;
+                Ok(())
+            }
+            Client::Redis(connection) => {
+                let _: i64 = redis::Script::new(REDIS_RELEASE)
+                    .key(format!("bench:resp:{key}"))
+                    .key(format!("bench:lock:{key}"))
+                    .arg(token)
+                    .invoke_async(connection)
+                    .await
+                    .map_err(|e| redis_code(&e))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads `key`.
+    pub async fn lookup(&mut self, key: &str) -> Result<(), OpError> {
+        match self {
+            Client::Coordinator { coordinator, .. } => {
+                let request = pb::LookupRequest { namespace: NAMESPACE.to_owned(), key: key.to_owned() };
+                coordinator.lookup(request).await.map_err(|s| format!("{:?}", s.code()))?;
+                Ok(())
+            }
+            Client::Postgres(client) => {
+                client.query_opt(PG_LOOKUP, &[&key]).await.map_err(|e| pg_code(&e))?.ok_or("NotFound")?;
+                Ok(())
+            }
+            Client::Redis(connection) => {
+                let (response, lock): (Option<Vec<u8>>, Option<String>) = redis::pipe()
+                    .get(format!("bench:resp:{key}"))
+                    .get(format!("bench:lock:{key}"))
+                    .query_async(connection)
+                    .await
+                    .map_err(|e| redis_code(&e))?;
+                if response.is_none() && lock.is_none() { Err("NotFound".to_owned()) } else { Ok(()) }
+            }
+        }
+    }
+
+    /// One health check (coordinator only).
+    pub async fn health(&mut self) -> Result<(), OpError> {
+        match self {
+            Client::Coordinator { health, .. } => {
+                let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+                health.check(request).await.map_err(|s| format!("{:?}", s.code()))?;
+                Ok(())
+            }
+            Client::Postgres(_) | Client::Redis(_) => Err("Unsupported".to_owned()),
+        }
+    }
+}
+
+fn pg_code(error: &tokio_postgres::Error) -> OpError {
+    match error.code() {
+        Some(code) => format!("pg:{}", code.code()),
+        None => "pg:connection".to_owned(),
+    }
+}
+
+fn redis_code(error: &redis::RedisError) -> OpError {
+    format!("redis:{:?}", error.kind())
+}
