@@ -138,16 +138,18 @@ impl<S: Store> Coordinator<S> {
     ) -> Result<CompleteOutcome, Error> {
         self.refuse_if_draining()?;
         let outcome = self.store.complete(namespace, key, self.clock.now(), complete).await?;
-        if !outcome.already_completed {
-            self.wake(namespace, key);
-        }
+        // Also on a retried Complete: the first one may have stored the response and then lost
+        // its call before waking anyone.
+        self.wake(namespace, key);
         Ok(outcome)
     }
 
-    /// Extends the holder's lease.
+    /// Extends (or shortens) the holder's lease; waiters re-arm their timers on the new end.
     pub async fn renew(&self, namespace: &Namespace, key: &Key, renew: &Renew) -> Result<RenewOutcome, Error> {
         self.refuse_if_draining()?;
-        Ok(self.store.renew(namespace, key, self.clock.now(), renew).await?)
+        let outcome = self.store.renew(namespace, key, self.clock.now(), renew).await?;
+        self.wake(namespace, key);
+        Ok(outcome)
     }
 
     /// Gives the key back; wakes Claims waiting for it.

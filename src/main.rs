@@ -32,19 +32,25 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Registered before the store opens (which can take seconds on a large store), so that a
+    // SIGTERM during startup still ends in a clean drain and exit 0.
+    let stop = stop_signal()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", config.listen))?;
-    server::run(listener, config, Arc::new(SystemClock), stop_signal()).await?;
+    server::run(listener, config, Arc::new(SystemClock), stop).await?;
     Ok(())
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn stop_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler works on unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on either signal.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }

@@ -134,6 +134,7 @@ pub async fn serve<S: Store>(
     let draining = CancellationToken::new();
     let drain_signal = {
         let draining = draining.clone();
+        let stop_background = stop_background.clone();
         let coordinator = Arc::clone(&coordinator);
         let reporter = reporter.clone();
         async move {
@@ -159,9 +160,10 @@ pub async fn serve<S: Store>(
             Ok(())
         }
     };
-    // Whatever ended serving, the background tasks stop and the store is flushed and closed.
+    // Whatever ended serving (the signal, the grace period, a transport error), the background
+    // tasks stop and the store is flushed and closed.
     draining.cancel();
-    // Cancelled above on every path that reaches here except a transport error.
+    stop_background.cancel();
     coordinator.drain();
     let _ = health_watch.await;
     let _ = sweeper.await;

@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use idempotency_coordinator::clock::Clock;
 use idempotency_coordinator::pb;
 use idempotency_coordinator::pb::claim_response::Outcome;
 use idempotency_coordinator::store::Store;
@@ -135,6 +136,11 @@ async fn until_waiting(server: &TestServer, count: usize) {
     panic!("no claim started waiting");
 }
 
+/// Awaits a spawned call, failing the test instead of hanging if a wake-up is lost.
+async fn bounded<T>(task: tokio::task::JoinHandle<T>) -> Result<T, tokio::task::JoinError> {
+    tokio::time::timeout(Duration::from_secs(30), task).await.expect("the waiting claim was never woken")
+}
+
 fn waiting_claim(key: &str, wait: prost_types::Duration) -> pb::ClaimRequest {
     pb::ClaimRequest { wait: Some(wait), ..claim_request(key, b"fp") }
 }
@@ -148,9 +154,32 @@ async fn a_waiting_claim_is_woken_by_complete() {
     let waiter = tokio::spawn(async move { waiter_client.claim(waiting_claim("pay-4", secs(30))).await });
     until_waiting(&server, 1).await;
     client.complete(complete_request("pay-4", &grant.lease_token, b"result")).await.unwrap();
-    let replay = completed(waiter.await.unwrap().unwrap().into_inner());
+    let replay = completed(bounded(waiter).await.unwrap().unwrap().into_inner());
     assert_eq!(replay.response.unwrap().body, b"result");
     assert_eq!(server.coordinator().waiting_keys(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_complete_wakes_waiters_the_first_one_missed() {
+    use idempotency_coordinator::domain::{Complete, Key, LeaseToken, Namespace, Response};
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let grant = claim_acquired(&mut client, "pay-4b").await;
+    let mut waiter_client = client.clone();
+    let waiter = tokio::spawn(async move { waiter_client.claim(waiting_claim("pay-4b", secs(30))).await });
+    until_waiting(&server, 1).await;
+    // The first Complete lands in the store, but its caller is gone before anyone is woken.
+    let command = Complete {
+        lease_token: LeaseToken::parse(&grant.lease_token).unwrap(),
+        response: Response { body: b"stored".to_vec(), metadata: Default::default() },
+        retention: None,
+    };
+    let (namespace, key) = (Namespace::parse("payments").unwrap(), Key::parse("pay-4b").unwrap());
+    server.coordinator().store().complete(&namespace, &key, server.clock.now(), command).await.unwrap();
+    let retried = client.complete(complete_request("pay-4b", &grant.lease_token, b"stored")).await.unwrap();
+    assert!(retried.into_inner().already_completed);
+    let replay = completed(bounded(waiter).await.unwrap().unwrap().into_inner());
+    assert_eq!(replay.response.unwrap().body, b"stored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,7 +191,7 @@ async fn a_waiting_claim_is_woken_by_release_and_acquires() {
     let waiter = tokio::spawn(async move { waiter_client.claim(waiting_claim("pay-5", secs(30))).await });
     until_waiting(&server, 1).await;
     client.release(release_request("pay-5", &grant.lease_token)).await.unwrap();
-    let next = acquired(waiter.await.unwrap().unwrap().into_inner());
+    let next = acquired(bounded(waiter).await.unwrap().unwrap().into_inner());
     assert_eq!((next.attempt, next.takeover), (2, false));
     assert!(next.fencing_token > grant.fencing_token);
 }
@@ -176,7 +205,7 @@ async fn a_waiting_claim_takes_over_when_the_lease_lapses() {
     let waiter = tokio::spawn(async move { waiter_client.claim(waiting_claim("pay-6", secs(60))).await });
     until_waiting(&server, 1).await;
     server.advance(Duration::from_secs(10));
-    let next = acquired(waiter.await.unwrap().unwrap().into_inner());
+    let next = acquired(bounded(waiter).await.unwrap().unwrap().into_inner());
     assert!(next.takeover);
     assert!(next.fencing_token > grant.fencing_token);
 }
@@ -190,7 +219,7 @@ async fn a_waiting_claim_answers_in_progress_when_its_wait_ends() {
     let waiter = tokio::spawn(async move { waiter_client.claim(waiting_claim("pay-7", secs(5))).await });
     until_waiting(&server, 1).await;
     server.advance(Duration::from_secs(5));
-    let busy = in_progress(waiter.await.unwrap().unwrap().into_inner());
+    let busy = in_progress(bounded(waiter).await.unwrap().unwrap().into_inner());
     assert_eq!(busy.attempt, 1);
 }
 
@@ -432,6 +461,19 @@ async fn a_full_store_refuses_new_keys_and_serves_existing_ones() {
     server.advance(Duration::from_secs(1));
     server.sweep().await;
     claim_acquired(&mut client, "c").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_makes_room_from_expired_records_without_waiting_for_the_sweeper() {
+    let server = TestServer::start_with(|config| config.max_records = 1).await;
+    let mut client = server.client().await;
+    let request = pb::ClaimRequest { lease_ttl: Some(secs(1)), retention: Some(secs(1)), ..claim_request("old", b"") };
+    acquired(client.claim(request).await.unwrap().into_inner());
+    let status = client.claim(claim_request("new", b"")).await.unwrap_err();
+    assert_status(&status, Code::ResourceExhausted, "STORE_FULL");
+    server.advance(Duration::from_secs(1));
+    claim_acquired(&mut client, "new").await;
+    assert_eq!(server.coordinator().store().record_count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

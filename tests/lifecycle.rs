@@ -33,6 +33,9 @@ async fn a_restart_keeps_every_acknowledged_state_and_fencing_keeps_increasing()
 
     server.restart().await;
     let mut client = server.client().await;
+    // The first grant after a restart must already be above everything granted before it.
+    let first_after = claim_acquired(&mut client, "never-seen").await;
+    assert!(first_after.fencing_token > highest, "{} after {highest}", first_after.fencing_token);
     let busy = in_progress(client.claim(claim_request("held", b"fp")).await.unwrap().into_inner());
     assert_eq!(busy.lease_expires_at, held.lease_expires_at);
     let replay = completed(client.claim(claim_request("done", b"fp")).await.unwrap().into_inner());
@@ -45,7 +48,7 @@ async fn a_restart_keeps_every_acknowledged_state_and_fencing_keeps_increasing()
     assert!(again.fencing_token > highest);
     let fresh = claim_acquired(&mut client, "fresh").await;
     assert!(fresh.fencing_token > again.fencing_token);
-    assert_eq!(server.coordinator().store().record_count(), 4);
+    assert_eq!(server.coordinator().store().record_count(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,26 +251,49 @@ async fn kill_9_loses_no_acknowledged_change_and_sigterm_exits_cleanly() {
     let data = dir.path().join("data");
     let server = ChildServer::start(&data);
     let mut client = server.client().await;
-    let mut completed_keys = Vec::new();
     let mut held_tokens = Vec::new();
-    for i in 0..50 {
-        let key = format!("k-{i}");
-        let grant = claim_acquired(&mut client, &key).await;
-        if i % 2 == 0 {
-            client.complete(complete_request(&key, &grant.lease_token, key.as_bytes())).await.unwrap();
-            completed_keys.push(key);
-        } else {
-            held_tokens.push((key, grant));
-        }
+    for i in 0..20 {
+        let key = format!("held-{i}");
+        held_tokens.push((key.clone(), claim_acquired(&mut client, &key).await));
+    }
+    // 16 clients claim and complete fresh keys as fast as they can; the kill lands mid-flight,
+    // with batches of changes waiting on a flush.
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..16)
+        .map(|writer| {
+            let mut client = client.clone();
+            let acknowledged = std::sync::Arc::clone(&acknowledged);
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let key = format!("w{writer}-{i}");
+                    let Ok(reply) = client.claim(claim_request(&key, b"fp")).await else { return };
+                    let grant = acquired(reply.into_inner());
+                    if client.complete(complete_request(&key, &grant.lease_token, key.as_bytes())).await.is_err() {
+                        return;
+                    }
+                    acknowledged.lock().unwrap().push((key, grant.fencing_token));
+                }
+            })
+        })
+        .collect();
+    while acknowledged.lock().unwrap().len() < 200 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     server.signal("-KILL");
+    for writer in writers {
+        writer.await.unwrap();
+    }
     drop(server);
+    let acknowledged = acknowledged.lock().unwrap().clone();
 
     let server = ChildServer::start(&data);
     let mut client = server.client().await;
-    for key in &completed_keys {
+    let mut highest = 0;
+    for (key, fencing_token) in &acknowledged {
         let replay = completed(client.claim(claim_request(key, b"fp")).await.unwrap().into_inner());
-        assert_eq!(replay.response.unwrap().body, key.as_bytes());
+        assert_eq!(replay.response.unwrap().body, key.as_bytes(), "{key}");
+        assert_eq!(replay.fencing_token, *fencing_token);
+        highest = highest.max(*fencing_token);
     }
     for (key, grant) in &held_tokens {
         let view = client.lookup(lookup_request(key)).await.unwrap().into_inner();
@@ -276,12 +302,153 @@ async fn kill_9_loses_no_acknowledged_change_and_sigterm_exits_cleanly() {
             .complete(complete_request(key, &grant.lease_token, b"after crash"))
             .await
             .expect("the holder keeps its lease");
+        highest = highest.max(grant.fencing_token);
     }
     let fresh = claim_acquired(&mut client, "fresh").await;
-    assert!(held_tokens.iter().all(|(_, grant)| fresh.fencing_token > grant.fencing_token));
+    assert!(fresh.fencing_token > highest);
 
     let mut server = server;
     server.signal("-TERM");
     let status = server.child.wait().unwrap();
     assert!(status.success(), "SIGTERM exit: {status:?}");
+}
+
+/// A disk whose flushes wait until the test opens the gate, or fail once it says so.
+#[derive(Clone, Default)]
+struct TestDisk {
+    state: std::sync::Arc<(std::sync::Mutex<DiskState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct DiskState {
+    closed: bool,
+    failing: bool,
+}
+
+impl TestDisk {
+    fn set(&self, change: impl FnOnce(&mut DiskState)) {
+        let (state, changed) = &*self.state;
+        change(&mut state.lock().unwrap());
+        changed.notify_all();
+    }
+
+    fn wrap(
+        &self,
+        mut flush: idempotency_coordinator::store::group_commit::FlushFn,
+    ) -> idempotency_coordinator::store::group_commit::FlushFn {
+        let disk = self.clone();
+        Box::new(move || {
+            let (state, changed) = &*disk.state;
+            let guard = changed.wait_while(state.lock().unwrap(), |s| s.closed && !s.failing).unwrap();
+            if guard.failing {
+                return Err(std::io::Error::other("injected: no space left on device"));
+            }
+            drop(guard);
+            flush()
+        })
+    }
+}
+
+/// Serves a coordinator over a sled store whose flushes go through `disk`.
+async fn serve_on(
+    disk: &TestDisk,
+    dir: &Path,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    use idempotency_coordinator::server::{self, ServeOptions};
+    let options = SledOptions {
+        path: dir.to_path_buf(),
+        durability: Durability::Strict,
+        max_records: 1000,
+        cache_capacity_bytes: 1 << 24,
+    };
+    let store = SledStore::open_with_flush_wrapper(&options, |flush| disk.wrap(flush)).unwrap();
+    let clock = std::sync::Arc::new(idempotency_coordinator::clock::ManualClock::new(START));
+    let coordinator = std::sync::Arc::new(idempotency_coordinator::Coordinator::new(store, clock, Default::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serve_options = ServeOptions {
+        sweep_interval: Duration::from_secs(3600),
+        sweep_batch: 100,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let task = tokio::spawn(async move {
+        let _ = server::serve(listener, coordinator, serve_options, async move {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    (addr, stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_wait_until_what_they_report_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = TestDisk::default();
+    let (addr, stop, task) = serve_on(&disk, dir.path()).await;
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}")).await.unwrap();
+    claim_acquired(&mut client, "warm").await;
+
+    disk.set(|s| s.closed = true);
+    let mut writer = client.clone();
+    let claim = tokio::spawn(async move { writer.claim(claim_request("pending", b"fp")).await });
+    let mut reader = client.clone();
+    let lookup = tokio::spawn(async move {
+        // Give the claim a head start so that the lookup reads its (not yet durable) record.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        reader.lookup(lookup_request("pending")).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!claim.is_finished(), "the claim was acknowledged before its flush");
+    assert!(!lookup.is_finished(), "the lookup reported a change that is not on disk yet");
+    disk.set(|s| s.closed = false);
+    acquired(claim.await.unwrap().unwrap().into_inner());
+    let view = lookup.await.unwrap().expect("the lookup sees the claim once durable").into_inner();
+    assert_eq!(view.state(), pb::KeyState::InProgress);
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_disk_turns_calls_unavailable_and_health_not_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = TestDisk::default();
+    let (addr, stop, task) = serve_on(&disk, dir.path()).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut client = pb::coordinator_client::CoordinatorClient::new(channel.clone());
+    let mut health = HealthClient::new(channel);
+    let done = claim_acquired(&mut client, "done").await;
+    client.complete(complete_request("done", &done.lease_token, b"kept")).await.unwrap();
+
+    disk.set(|s| s.failing = true);
+    let status = client.claim(claim_request("lost", b"fp")).await.unwrap_err();
+    assert_status(&status, Code::Unavailable, "STORE_UNAVAILABLE");
+    let mut watch =
+        health.watch(HealthCheckRequest { service: "idempotency.v1.Coordinator".into() }).await.unwrap().into_inner();
+    loop {
+        let update = tokio::time::timeout(Duration::from_secs(30), watch.message()).await.unwrap().unwrap().unwrap();
+        if update.status() == ServingStatus::NotServing {
+            break;
+        }
+    }
+    // What was acknowledged before the failure is still served.
+    let replay = completed(client.claim(claim_request("done", b"fp")).await.unwrap().into_inner());
+    assert_eq!(replay.response.unwrap().body, b"kept");
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_reports_not_serving_before_the_server_goes() {
+    let mut server = TestServer::start_with(|config| config.shutdown_grace = Duration::from_millis(500)).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let stopping = tokio::spawn(async move {
+        server.stop().await;
+    });
+    let next = tokio::time::timeout(Duration::from_secs(30), watch.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    stopping.await.unwrap();
 }

@@ -29,16 +29,20 @@ pub enum Claimed {
 #[derive(Clone)]
 pub enum Client {
     /// The coordinator.
-    Coordinator {
-        /// Its gRPC service.
-        coordinator: CoordinatorClient<Channel>,
-        /// Its health service, the transport's own ceiling.
-        health: tonic_health::pb::health_client::HealthClient<Channel>,
-    },
+    Coordinator(Box<GrpcClients>),
     /// Hand-rolled idempotency on PostgreSQL.
     Postgres(std::sync::Arc<tokio_postgres::Client>),
     /// Hand-rolled idempotency on Redis.
     Redis(redis::aio::MultiplexedConnection),
+}
+
+/// The coordinator's gRPC clients on one connection.
+#[derive(Clone)]
+pub struct GrpcClients {
+    /// Its gRPC service.
+    coordinator: CoordinatorClient<Channel>,
+    /// Its health service, the transport's own ceiling.
+    health: tonic_health::pb::health_client::HealthClient<Channel>,
 }
 
 /// An operation failed; the string is its status code (or the backend's error kind).
@@ -134,10 +138,10 @@ impl Client {
                 .connect()
                 .await
                 .with_context(|| format!("connecting to {target}"))?;
-            Ok(Client::Coordinator {
+            Ok(Client::Coordinator(Box::new(GrpcClients {
                 coordinator: CoordinatorClient::new(channel.clone()),
                 health: tonic_health::pb::health_client::HealthClient::new(channel),
-            })
+            })))
         } else if target.starts_with("postgres://") || target.starts_with("postgresql://") {
             let (client, connection) = tokio_postgres::connect(target, tokio_postgres::NoTls)
                 .await
@@ -162,13 +166,13 @@ impl Client {
 
     /// Whether the target has a health service.
     pub fn has_health(&self) -> bool {
-        matches!(self, Client::Coordinator { .. })
+        matches!(self, Client::Coordinator(_))
     }
 
     /// Claims `key` with a lease of `lease`.
     pub async fn claim(&mut self, key: &str, fingerprint: &[u8], lease: Duration) -> Result<Claimed, OpError> {
         match self {
-            Client::Coordinator { coordinator, .. } => {
+            Client::Coordinator(grpc) => {
                 let request = pb::ClaimRequest {
                     namespace: NAMESPACE.to_owned(),
                     key: key.to_owned(),
@@ -176,7 +180,7 @@ impl Client {
                     lease_ttl: Some(prost_types::Duration { seconds: lease.as_secs() as i64, nanos: 0 }),
                     ..Default::default()
                 };
-                let reply = coordinator.claim(request).await.map_err(|s| format!("{:?}", s.code()))?.into_inner();
+                let reply = grpc.coordinator.claim(request).await.map_err(|s| format!("{:?}", s.code()))?.into_inner();
                 Ok(match reply.outcome {
                     Some(pb::claim_response::Outcome::Acquired(a)) => Claimed::Acquired(a.lease_token),
                     Some(pb::claim_response::Outcome::InProgress(_)) => Claimed::InProgress,
@@ -225,7 +229,7 @@ impl Client {
     /// Stores `body` as the response of `key`, held with `token`.
     pub async fn complete(&mut self, key: &str, token: &str, body: &[u8]) -> Result<(), OpError> {
         match self {
-            Client::Coordinator { coordinator, .. } => {
+            Client::Coordinator(grpc) => {
                 let request = pb::CompleteRequest {
                     namespace: NAMESPACE.to_owned(),
                     key: key.to_owned(),
@@ -233,7 +237,7 @@ impl Client {
                     response: Some(pb::Response { body: body.to_vec(), metadata: Default::default() }),
                     retention: None,
                 };
-                coordinator.complete(request).await.map_err(|s| format!("{:?}", s.code()))?;
+                grpc.coordinator.complete(request).await.map_err(|s| format!("{:?}", s.code()))?;
                 Ok(())
             }
             Client::Postgres(client) => {
@@ -259,13 +263,13 @@ impl Client {
     /// Gives `key` back.
     pub async fn release(&mut self, key: &str, token: &str) -> Result<(), OpError> {
         match self {
-            Client::Coordinator { coordinator, .. } => {
+            Client::Coordinator(grpc) => {
                 let request = pb::ReleaseRequest {
                     namespace: NAMESPACE.to_owned(),
                     key: key.to_owned(),
                     lease_token: token.to_owned(),
                 };
-                coordinator.release(request).await.map_err(|s| format!("{:?}", s.code()))?;
+                grpc.coordinator.release(request).await.map_err(|s| format!("{:?}", s.code()))?;
                 Ok(())
             }
             Client::Postgres(client) => {
@@ -289,9 +293,9 @@ impl Client {
     /// Reads `key`.
     pub async fn lookup(&mut self, key: &str) -> Result<(), OpError> {
         match self {
-            Client::Coordinator { coordinator, .. } => {
+            Client::Coordinator(grpc) => {
                 let request = pb::LookupRequest { namespace: NAMESPACE.to_owned(), key: key.to_owned() };
-                coordinator.lookup(request).await.map_err(|s| format!("{:?}", s.code()))?;
+                grpc.coordinator.lookup(request).await.map_err(|s| format!("{:?}", s.code()))?;
                 Ok(())
             }
             Client::Postgres(client) => {
@@ -313,9 +317,9 @@ impl Client {
     /// One health check (coordinator only).
     pub async fn health(&mut self) -> Result<(), OpError> {
         match self {
-            Client::Coordinator { health, .. } => {
+            Client::Coordinator(grpc) => {
                 let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
-                health.check(request).await.map_err(|s| format!("{:?}", s.code()))?;
+                grpc.health.check(request).await.map_err(|s| format!("{:?}", s.code()))?;
                 Ok(())
             }
             Client::Postgres(_) | Client::Redis(_) => Err("Unsupported".to_owned()),

@@ -12,16 +12,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
 
 /// Makes every write applied so far durable.
 pub type FlushFn = Box<dyn FnMut() -> std::io::Result<()> + Send>;
-
-/// How long the flusher waits before retrying after a failed flush.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Progress {
@@ -96,7 +92,7 @@ impl GroupCommit {
         if reached.durable >= ticket { Ok(()) } else { Err(NotDurable) }
     }
 
-    /// `true` while flushes succeed.
+    /// `true` until a flush fails; after that the store acknowledges nothing until restarted.
     pub fn health(&self) -> watch::Receiver<bool> {
         self.shared.healthy.subscribe()
     }
@@ -150,32 +146,33 @@ fn run_flusher(shared: &Shared, mut flush: FlushFn) {
         let already = shared.progress.borrow().durable;
         if target > already || stopping {
             shared.flushes.fetch_add(1, Ordering::Relaxed);
-            match flush() {
-                Ok(()) => {
-                    shared.progress.send_modify(|p| p.durable = p.durable.max(target));
-                    shared.healthy.send_if_modified(|healthy| !std::mem::replace(healthy, true));
-                }
-                Err(error) => {
-                    tracing::error!(%error, "flush failed; writes are not acknowledged until a flush succeeds");
-                    shared.progress.send_modify(|p| p.failed = p.failed.max(target));
-                    shared.healthy.send_if_modified(|healthy| std::mem::replace(healthy, false));
-                    if !stopping {
-                        std::thread::sleep(RETRY_AFTER_FAILURE);
-                        shared.signal.lock().requested = true;
-                    }
-                }
+            if let Err(error) = flush() {
+                // After a failed fsync the kernel may have dropped the dirty pages, so a later
+                // "successful" flush would prove nothing: the store stops acknowledging for good.
+                tracing::error!(%error, "flush failed; no further change is acknowledged until a restart");
+                poison(shared);
+                return;
             }
+            shared.progress.send_modify(|p| p.durable = p.durable.max(target));
         }
         if stopping {
+            // Calls that arrive after the store closed can never become durable.
+            shared.progress.send_modify(|p| p.failed = u64::MAX);
             return;
         }
     }
+}
+
+fn poison(shared: &Shared) {
+    shared.progress.send_modify(|p| p.failed = u64::MAX);
+    shared.healthy.send_replace(false);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn concurrent_writers_share_flushes() {
@@ -206,7 +203,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_flush_fails_its_waiters_and_recovers() {
+    async fn a_failed_flush_fails_its_waiters_and_every_later_one() {
         let failing = Arc::new(AtomicBool::new(true));
         let flag = Arc::clone(&failing);
         let commit = GroupCommit::start(Box::new(move || {
@@ -217,10 +214,21 @@ mod tests {
         let ticket = commit.written();
         assert!(commit.durable(ticket).await.is_err());
         health.wait_for(|healthy| !healthy).await.unwrap();
+        // Even once flushing would work again, nothing written after the failure is acknowledged.
         failing.store(false, Ordering::SeqCst);
         let ticket = commit.written();
-        commit.durable(ticket).await.unwrap();
-        health.wait_for(|healthy| *healthy).await.unwrap();
+        assert!(commit.durable(ticket).await.is_err());
+        assert!(!*commit.health().borrow());
+    }
+
+    #[tokio::test]
+    async fn waits_after_stop_fail_instead_of_hanging() {
+        let commit = GroupCommit::start(Box::new(|| Ok(()))).unwrap();
+        let before = commit.written();
+        commit.stop();
+        commit.durable(before).await.expect("what was written before stop is flushed by it");
+        let after = commit.written();
+        assert!(commit.durable(after).await.is_err());
     }
 
     #[tokio::test]

@@ -7,20 +7,23 @@
 //!
 //! Invariants:
 //! - All changes to one key happen under that key's stripe lock, so a read-decide-write is atomic
-//!   against every other call (sled's directory lock keeps other processes out). A record and
-//!   its index entries change in one sled batch, so a crash never separates them.
+//!   against every other call (sled's directory lock keeps other processes out). The work runs
+//!   on blocking threads, never on the async workers.
+//! - Every record has an index entry at its expiry time. Writes add the new entry before the
+//!   record and drop the old one after, sweeps drop the record before its entry, so a crash
+//!   leaves at most stale entries (which sweeping drops), never a record that is not indexed.
 //! - A reply reports only state that is durable: writers wait for their group-commit ticket,
 //!   readers for the ticket of the last write to their stripe.
 //! - Fencing tokens come from one counter; a token is handed out only after a reservation above
-//!   it was written to sled ahead of the record that uses it, so after any crash the counter
-//!   restarts above every token that any surviving record (or any deleted one) ever carried.
+//!   it was written and flushed, so after any crash the counter restarts above every token that
+//!   any surviving record (or any deleted one) ever carried.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
 
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -105,8 +108,12 @@ struct FencingCounter {
     reserved: u64,
 }
 
-/// The sled-backed [`Store`].
+/// The sled-backed [`Store`]. Cheap to share: the state lives behind one `Arc`.
 pub struct SledStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     db: sled::Db,
     stripes: Box<[Mutex<Stripe>]>,
     fencing: Mutex<FencingCounter>,
@@ -116,10 +123,23 @@ pub struct SledStore {
     healthy_when_relaxed: watch::Sender<bool>,
 }
 
+/// How many expired records a Claim may sweep inline when the store is full.
+const INLINE_SWEEP_BATCH: usize = 64;
+
 impl SledStore {
     /// Opens (or creates) the store in `options.path`. Never starts over on unreadable data.
     pub fn open(options: &SledOptions) -> Result<SledStore, OpenError> {
+        Self::open_with_flush_wrapper(options, |flush| flush)
+    }
+
+    /// Like [`SledStore::open`], with the durable flush passed through `wrap` first: a seam to
+    /// inject slow or failing disks in tests.
+    pub fn open_with_flush_wrapper(
+        options: &SledOptions,
+        wrap: impl FnOnce(FlushFn) -> FlushFn,
+    ) -> Result<SledStore, OpenError> {
         let path = options.path.clone();
+        let sled_error = |source| OpenError::Sled { path: path.clone(), source };
         let flush_every_ms = match options.durability {
             Durability::Strict => None,
             Durability::Relaxed => Some(500),
@@ -129,56 +149,91 @@ impl SledStore {
             .cache_capacity(options.cache_capacity_bytes)
             .flush_every_ms(flush_every_ms)
             .open()
-            .map_err(|source| OpenError::Sled { path: path.clone(), source })?;
-        let reserved =
-            match db.get(FENCING_RESERVATION).map_err(|source| OpenError::Sled { path: path.clone(), source })? {
-                None => 0,
-                Some(bytes) => read_u64(&bytes).ok_or_else(|| OpenError::Corrupt {
-                    path: path.clone(),
-                    reason: "the fencing token reservation is malformed".to_owned(),
-                })?,
-            };
+            .map_err(sled_error)?;
+        let reserved = match db.get(FENCING_RESERVATION).map_err(sled_error)? {
+            None => 0,
+            Some(bytes) => read_u64(&bytes).ok_or_else(|| OpenError::Corrupt {
+                path: path.clone(),
+                reason: "the fencing token reservation is malformed".to_owned(),
+            })?,
+        };
         let mut records = 0u64;
         for entry in db.scan_prefix([RECORD_PREFIX]).keys() {
-            entry.map_err(|source| OpenError::Sled { path: path.clone(), source })?;
+            entry.map_err(sled_error)?;
             records += 1;
         }
+        let io_error = |source| OpenError::Io { path: path.clone(), source };
         let commit = match options.durability {
-            Durability::Strict => Some(
-                GroupCommit::start(
-                    durable_flush(db.clone(), &path).map_err(|source| OpenError::Io { path: path.clone(), source })?,
-                )
-                .map_err(|source| OpenError::Io { path: path.clone(), source })?,
-            ),
+            Durability::Strict => {
+                Some(GroupCommit::start(wrap(durable_flush(db.clone(), &path).map_err(io_error)?)).map_err(io_error)?)
+            }
             Durability::Relaxed => None,
         };
         Ok(SledStore {
-            db,
-            stripes: (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect(),
-            // Start exactly at the reservation, so the first grant writes a new one above it.
-            fencing: Mutex::new(FencingCounter { last: reserved, reserved }),
-            records: AtomicU64::new(records),
-            max_records: options.max_records,
-            commit,
-            healthy_when_relaxed: watch::Sender::new(true),
+            inner: Arc::new(Inner {
+                db,
+                stripes: (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect(),
+                // Start exactly at the reservation, so the first grant writes a new one above it.
+                fencing: Mutex::new(FencingCounter { last: reserved, reserved }),
+                records: AtomicU64::new(records),
+                max_records: options.max_records,
+                commit,
+                healthy_when_relaxed: watch::Sender::new(true),
+            }),
         })
     }
 
+    /// A digest of every stored byte (records, index and metadata), to show that a call
+    /// changed nothing. Reads the whole store: for tests and diagnostics, not for the hot path.
+    pub fn contents_digest(&self) -> Result<u64, StoreError> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for entry in self.inner.db.iter() {
+            let (key, value) = entry.map_err(unavailable)?;
+            key.hash(&mut hasher);
+            value.hash(&mut hasher);
+        }
+        Ok(hasher.finish())
+    }
+
+    /// Runs `decide` on the key's record under its stripe lock, on a blocking thread (sled may
+    /// block on I/O), writes the new record if any, and returns the outcome once everything it
+    /// reports is durable.
+    async fn update<T: Send + 'static>(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        decide: impl FnOnce(&Inner, Option<&Record>) -> Result<Transition<T>, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let record_key = record_key(namespace, key);
+        let inner = Arc::clone(&self.inner);
+        let (outcome, ticket) = tokio::task::spawn_blocking(move || inner.apply(&record_key, now, decide))
+            .await
+            .map_err(|error| StoreError::Unavailable(format!("a store task failed: {error}")))??;
+        self.inner.wait_durable(ticket).await?;
+        Ok(outcome)
+    }
+}
+
+impl Inner {
     fn stripe(&self, record_key: &[u8]) -> &Mutex<Stripe> {
-        // FNV-1a: cheap, and keys are not attacker-controlled in a way that matters for locks.
+        // FNV-1a: cheap and well spread; lock striping needs no cryptographic strength.
         let hash =
             record_key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
         &self.stripes[(hash % STRIPES as u64) as usize]
     }
 
-    /// Draws a fencing token above `floor`. If it passes the reservation, writes a new one to
-    /// sled first (inside the lock, so every later token is logged after its reservation).
+    /// Draws a fencing token above `floor`. If it passes the reservation, first writes and
+    /// flushes a new reservation (once per [`FENCING_BLOCK`] grants), inside the lock, so no token
+    /// is handed out before the reservation covering it is on disk.
     fn next_fencing_token(&self, floor: FencingToken) -> Result<FencingToken, StoreError> {
         let mut counter = self.fencing.lock();
         let token = counter.last.max(floor.0) + 1;
         if token > counter.reserved {
             let reserved = token + FENCING_BLOCK;
             self.db.insert(FENCING_RESERVATION, &reserved.to_be_bytes()).map_err(unavailable)?;
+            self.db.flush().map_err(unavailable)?;
             counter.reserved = reserved;
         }
         counter.last = token;
@@ -192,60 +247,65 @@ impl SledStore {
         }
     }
 
-    /// Runs `decide` on the key's record under its stripe lock, writes the new record if any, and
-    /// returns the outcome once everything it reports is durable.
-    async fn update<T>(
+    /// The atomic read-decide-write of one key; returns the outcome and the group-commit ticket
+    /// that must be durable before the outcome may be reported.
+    fn apply<T>(
         &self,
-        namespace: &Namespace,
-        key: &Key,
-        decide: impl FnOnce(Option<&Record>) -> Result<Transition<T>, StoreError>,
-    ) -> Result<T, StoreError> {
-        let record_key = record_key(namespace, key);
-        let (outcome, ticket) = {
-            let mut stripe = self.stripe(&record_key).lock();
-            let current = self.read(&record_key)?;
-            let transition = decide(current.as_ref())?;
-            match transition.write {
-                None => (transition.outcome, stripe.last_write),
-                Some(record) => {
-                    if current.is_none() {
-                        self.reserve_record_slot()?;
-                    }
-                    if let Err(error) = self.write(&record_key, current.as_ref(), &record) {
-                        if current.is_none() {
-                            self.records.fetch_sub(1, Ordering::SeqCst);
-                        }
-                        return Err(error);
-                    }
-                    stripe.last_write = self.commit.as_ref().map_or(0, GroupCommit::written);
-                    (transition.outcome, stripe.last_write)
-                }
-            }
+        record_key: &[u8],
+        now: Timestamp,
+        decide: impl FnOnce(&Inner, Option<&Record>) -> Result<Transition<T>, StoreError>,
+    ) -> Result<(T, u64), StoreError> {
+        let mut stripe = self.stripe(record_key).lock();
+        let current = self.read(record_key)?;
+        let transition = decide(self, current.as_ref())?;
+        let Some(record) = transition.write else {
+            return Ok((transition.outcome, stripe.last_write));
         };
-        self.wait_durable(ticket).await?;
-        Ok(outcome)
-    }
-
-    fn reserve_record_slot(&self) -> Result<(), StoreError> {
-        let max_records = self.max_records;
-        self.records
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |count| (count < max_records).then_some(count + 1))
-            .map(drop)
-            .map_err(|_| StoreError::Full { max_records })
-    }
-
-    fn write(&self, record_key: &[u8], previous: Option<&Record>, record: &Record) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        let expires_at = record.expires_at();
-        if let Some(previous) = previous {
-            let previous_expiry = previous.expires_at();
-            if previous_expiry != expires_at {
-                batch.remove(index_key(previous_expiry, record_key));
-            }
+        if current.is_none() {
+            self.reserve_record_slot(now)?;
         }
-        batch.insert(index_key(expires_at, record_key), &[]);
-        batch.insert(record_key, record.encode());
-        self.db.apply_batch(batch).map_err(unavailable)
+        if let Err(error) = self.write(record_key, current.as_ref(), &record) {
+            if current.is_none() {
+                self.records.fetch_sub(1, Ordering::SeqCst);
+            }
+            return Err(error);
+        }
+        stripe.last_write = self.commit.as_ref().map_or(0, GroupCommit::written);
+        Ok((transition.outcome, stripe.last_write))
+    }
+
+    /// Counts a new record in, or fails with `Full`. Expired records count until swept, so a
+    /// full store first sweeps a small batch inline (skipping keys locked by others) and retries.
+    fn reserve_record_slot(&self, now: Timestamp) -> Result<(), StoreError> {
+        let max_records = self.max_records;
+        let reserve = || {
+            self.records
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |count| (count < max_records).then_some(count + 1))
+                .is_ok()
+        };
+        if reserve() {
+            return Ok(());
+        }
+        self.sweep(now, INLINE_SWEEP_BATCH, LockWait::Skip)?;
+        if reserve() { Ok(()) } else { Err(StoreError::Full { max_records }) }
+    }
+
+    /// Writes a record and its expiry index entry. Each sled insert is atomic on its own; the
+    /// order (new index entry, record, then removal of the old entry) means a crash in between
+    /// leaves at most a stale index entry, which the sweeper recognises and drops, and never a
+    /// record without an entry. (sled's `apply_batch` would make this one step, but it takes a
+    /// process-wide write lock that serialises every write in the store.)
+    fn write(&self, record_key: &[u8], previous: Option<&Record>, record: &Record) -> Result<(), StoreError> {
+        let expires_at = record.expires_at();
+        let previous_expiry = previous.map(Record::expires_at).filter(|previous| *previous != expires_at);
+        if previous.is_none() || previous_expiry.is_some() {
+            self.db.insert(index_key(expires_at, record_key), &[]).map_err(unavailable)?;
+        }
+        self.db.insert(record_key, record.encode()).map_err(unavailable)?;
+        if let Some(previous_expiry) = previous_expiry {
+            self.db.remove(index_key(previous_expiry, record_key)).map_err(unavailable)?;
+        }
+        Ok(())
     }
 
     async fn wait_durable(&self, ticket: u64) -> Result<(), StoreError> {
@@ -258,21 +318,9 @@ impl SledStore {
         }
     }
 
-    /// A digest of every stored byte (records, index and metadata), to show that a call
-    /// changed nothing. Reads the whole store: for tests and diagnostics, not for the hot path.
-    pub fn contents_digest(&self) -> Result<u64, StoreError> {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        for entry in self.db.iter() {
-            let (key, value) = entry.map_err(unavailable)?;
-            key.hash(&mut hasher);
-            value.hash(&mut hasher);
-        }
-        Ok(hasher.finish())
-    }
-
-    /// One sweep batch; blocking, so the caller runs it off the async workers.
-    fn sweep_blocking(&self, now: Timestamp, batch: usize) -> Result<SweepReport, StoreError> {
+    /// Deletes up to `batch` index entries that are due at `now`: expired records with their
+    /// entries, and stale entries alone. Blocking; the caller keeps it off the async workers.
+    fn sweep(&self, now: Timestamp, batch: usize, lock_wait: LockWait) -> Result<SweepReport, StoreError> {
         // Entries expiring at `now` are expired too: the range ends just after `now`.
         let end = index_key(now.plus(std::time::Duration::from_millis(1)), &[]);
         let mut report = SweepReport::default();
@@ -284,25 +332,41 @@ impl SledStore {
             let entry = entry.map_err(unavailable)?;
             report.scanned += 1;
             let record_key = &entry[9..];
-            let _stripe = self.stripe(record_key).lock();
-            let mut changes = sled::Batch::default();
-            changes.remove(&*entry);
-            let current = self.read(record_key)?;
-            let expired = match &current {
-                Some(record) => record.is_expired(now) && index_key(record.expires_at(), record_key) == *entry,
-                None => false,
+            let stripe = self.stripe(record_key);
+            let _stripe = match lock_wait {
+                LockWait::Wait => stripe.lock(),
+                LockWait::Skip => match stripe.try_lock() {
+                    Some(guard) => guard,
+                    None => continue,
+                },
             };
+            let expired = match self.read(record_key) {
+                Ok(Some(record)) => record.is_expired(now) && index_key(record.expires_at(), record_key) == *entry,
+                Ok(None) => false,
+                Err(StoreError::Corrupt(reason)) => {
+                    // Leave the record for an operator; drop its entry so sweeping goes on.
+                    tracing::error!(%reason, "skipping an undecodable record while sweeping");
+                    false
+                }
+                Err(error) => return Err(error),
+            };
+            // The record goes first: a crash between the two leaves a stale entry, not a leak.
             if expired {
-                changes.remove(record_key);
-            }
-            self.db.apply_batch(changes).map_err(unavailable)?;
-            if expired {
+                self.db.remove(record_key).map_err(unavailable)?;
                 self.records.fetch_sub(1, Ordering::SeqCst);
                 report.deleted += 1;
             }
+            self.db.remove(&*entry).map_err(unavailable)?;
         }
         Ok(report)
     }
+}
+
+/// Whether a sweep waits for a busy key's lock or passes the key by.
+#[derive(Clone, Copy)]
+enum LockWait {
+    Wait,
+    Skip,
 }
 
 impl Store for SledStore {
@@ -313,10 +377,12 @@ impl Store for SledStore {
         now: Timestamp,
         command: &Claim,
     ) -> Result<ClaimOutcome, StoreError> {
-        self.update(namespace, key, |current| {
+        let command = command.clone();
+        self.update(namespace, key, now, move |inner, current| {
             let mut drawn = Ok(FencingToken(0));
-            let transition = machine::claim(now, current, command, |floor| {
-                drawn = self.next_fencing_token(floor);
+            let transition = machine::claim(now, current, &command, |floor| {
+                drawn = inner.next_fencing_token(floor);
+                // On failure the transition is discarded below; any token above the floor will do.
                 *drawn.as_ref().unwrap_or(&FencingToken(u64::MAX))
             });
             drawn?;
@@ -332,7 +398,7 @@ impl Store for SledStore {
         now: Timestamp,
         command: Complete,
     ) -> Result<CompleteOutcome, StoreError> {
-        self.update(namespace, key, |current| Ok(machine::complete(now, current, command)?)).await
+        self.update(namespace, key, now, move |_, current| Ok(machine::complete(now, current, command)?)).await
     }
 
     async fn renew(
@@ -342,7 +408,8 @@ impl Store for SledStore {
         now: Timestamp,
         command: &Renew,
     ) -> Result<RenewOutcome, StoreError> {
-        self.update(namespace, key, |current| Ok(machine::renew(now, current, command)?)).await
+        let command = command.clone();
+        self.update(namespace, key, now, move |_, current| Ok(machine::renew(now, current, &command)?)).await
     }
 
     async fn release(
@@ -352,39 +419,45 @@ impl Store for SledStore {
         now: Timestamp,
         command: &Release,
     ) -> Result<(), StoreError> {
-        self.update(namespace, key, |current| Ok(machine::release(now, current, command)?)).await
+        let command = command.clone();
+        self.update(namespace, key, now, move |_, current| Ok(machine::release(now, current, &command)?)).await
     }
 
     async fn lookup(&self, namespace: &Namespace, key: &Key, now: Timestamp) -> Result<KeyView, StoreError> {
-        self.update(namespace, key, |current| {
-            let view = machine::lookup(now, current)?;
-            Ok(Transition { write: None, outcome: view })
+        self.update(namespace, key, now, move |_, current| {
+            Ok(Transition { write: None, outcome: machine::lookup(now, current)? })
         })
         .await
     }
 
     async fn sweep(&self, now: Timestamp, batch: usize) -> Result<SweepReport, StoreError> {
-        tokio::task::block_in_place(|| self.sweep_blocking(now, batch))
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.sweep(now, batch, LockWait::Wait))
+            .await
+            .map_err(|error| StoreError::Unavailable(format!("the sweep task failed: {error}")))?
     }
 
     fn record_count(&self) -> u64 {
-        self.records.load(Ordering::SeqCst)
+        self.inner.records.load(Ordering::SeqCst)
     }
 
     fn health(&self) -> watch::Receiver<bool> {
-        match &self.commit {
+        match &self.inner.commit {
             Some(commit) => commit.health(),
-            None => self.healthy_when_relaxed.subscribe(),
+            None => self.inner.healthy_when_relaxed.subscribe(),
         }
     }
 
     async fn close(&self) -> Result<(), StoreError> {
-        tokio::task::block_in_place(|| {
-            if let Some(commit) = &self.commit {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            if let Some(commit) = &inner.commit {
                 commit.stop();
             }
-            self.db.flush().map(drop).map_err(unavailable)
+            inner.db.flush().map(drop).map_err(unavailable)
         })
+        .await
+        .map_err(|error| StoreError::Unavailable(format!("the close task failed: {error}")))?
     }
 }
 
@@ -424,27 +497,31 @@ fn durable_flush(db: sled::Db, path: &Path) -> std::io::Result<FlushFn> {
     let log = File::open(path.join("db"))?;
     File::open(path)?.sync_all()?;
     let blobs_dir = path.join("blobs");
-    let mut blobs_dir_modified: Option<SystemTime> = None;
     let mut synced_blobs: HashSet<OsString> = HashSet::new();
     Ok(Box::new(move || {
         db.flush().map_err(std::io::Error::other)?;
         log.sync_data()?;
-        // Blob files are rare (values over a sixteenth of a segment); look only when the
-        // directory changed, and sync only the files not synced before.
-        let modified = std::fs::metadata(&blobs_dir).and_then(|m| m.modified()).ok();
-        if modified.is_some() && modified != blobs_dir_modified {
-            let mut present = HashSet::new();
-            for entry in std::fs::read_dir(&blobs_dir)? {
-                let name = entry?.file_name();
-                if !synced_blobs.contains(&name) {
-                    File::open(blobs_dir.join(&name))?.sync_all()?;
-                }
-                present.insert(name);
+        // Blob files are rare (values over a quarter of a segment) and their directory small, so
+        // it is listed on every flush; a modification time would be too coarse to rely on.
+        let mut present = HashSet::with_capacity(synced_blobs.len());
+        let mut created = false;
+        let entries = match std::fs::read_dir(&blobs_dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        for entry in entries {
+            let name = entry?.file_name();
+            if !synced_blobs.contains(&name) {
+                File::open(blobs_dir.join(&name))?.sync_all()?;
+                created = true;
             }
-            File::open(&blobs_dir)?.sync_all()?;
-            synced_blobs = present;
-            blobs_dir_modified = modified;
+            present.insert(name);
         }
+        if created {
+            File::open(&blobs_dir)?.sync_all()?;
+        }
+        synced_blobs = present;
         Ok(())
     }))
 }
