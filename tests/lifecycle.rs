@@ -349,6 +349,14 @@ impl TestDisk {
     }
 }
 
+struct OpenOnDrop(TestDisk);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.set(|s| s.closed = false);
+    }
+}
+
 /// Serves a coordinator over a sled store whose flushes go through `disk`.
 async fn serve_on(
     disk: &TestDisk,
@@ -390,6 +398,9 @@ async fn replies_wait_until_what_they_report_is_on_disk() {
     claim_acquired(&mut client, "warm").await;
 
     disk.set(|s| s.closed = true);
+    // If an assertion below fails, the gate must still open, or closing the store would wait
+    // on the held flush forever and hang the test instead of failing it.
+    let _open_on_exit = OpenOnDrop(disk.clone());
     let mut writer = client.clone();
     let claim = tokio::spawn(async move { writer.claim(claim_request("pending", b"fp")).await });
     let mut reader = client.clone();
