@@ -463,3 +463,68 @@ async fn stopping_reports_not_serving_before_the_server_goes() {
     assert_eq!(next.status(), ServingStatus::NotServing);
     stopping.await.unwrap();
 }
+
+fn bench_options(
+    target: String,
+    scenario: idempotency_coordinator::bench::Scenario,
+) -> idempotency_coordinator::bench::Options {
+    idempotency_coordinator::bench::Options {
+        target,
+        scenario,
+        concurrency: 16,
+        connections: 2,
+        duration: Duration::from_secs(1),
+        count: Some(300),
+        warmup: Duration::ZERO,
+        response_bytes: 500,
+        key_space: 50,
+        seed: 7,
+        mix: "20,70,10".to_owned(),
+        synchronous_commit: true,
+        json: false,
+    }
+}
+
+/// The load generator's smoke run: every scenario completes with zero errors, zero wrong answers
+/// and zero double grants. Its figures are not looked at here; BENCHMARKS.md has them.
+async fn smoke_run(target: String, scenarios: &[idempotency_coordinator::bench::Scenario]) {
+    for scenario in scenarios {
+        let report = idempotency_coordinator::bench::run(bench_options(target.clone(), *scenario)).await.unwrap();
+        assert_eq!(report.units, 300, "{scenario:?} on {target}");
+        assert_eq!(report.error_count(), 0, "{scenario:?} on {target}: {}", report.to_table());
+        assert_eq!(report.wrong_answers, 0, "{scenario:?} on {target}: {}", report.to_table());
+        assert_eq!(report.double_grants, 0, "{scenario:?} on {target}: {}", report.to_table());
+        let json = report.to_json();
+        assert_eq!(json["units"], 300);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_runs_every_scenario_against_the_coordinator() {
+    use idempotency_coordinator::bench::Scenario;
+    let server = TestServer::start().await;
+    let scenarios =
+        [Scenario::Flow, Scenario::Replay, Scenario::Lookup, Scenario::Contention, Scenario::Mixed, Scenario::Health];
+    smoke_run(format!("http://{}", server.addr), &scenarios).await;
+    let report =
+        idempotency_coordinator::bench::run(bench_options(format!("http://{}", server.addr), Scenario::Contention))
+            .await
+            .unwrap();
+    assert!(report.ops["claim"].latency.len() > 0);
+    assert!(report.ops.contains_key("release"), "some claims won and released: {}", report.to_table());
+}
+
+/// The hand-rolled baselines, on the PostgreSQL and Redis named by the environment. CI sets both;
+/// elsewhere a missing one is skipped with the reason printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_runs_the_hand_rolled_baselines() {
+    use idempotency_coordinator::bench::Scenario;
+    let scenarios = [Scenario::Flow, Scenario::Replay, Scenario::Lookup, Scenario::Contention, Scenario::Mixed];
+    for variable in ["IDEMPOTENCY_TEST_POSTGRES", "IDEMPOTENCY_TEST_REDIS"] {
+        match std::env::var(variable) {
+            Ok(target) => smoke_run(target, &scenarios).await,
+            Err(_) if std::env::var("CI").is_ok() => panic!("{variable} must be set in CI"),
+            Err(_) => eprintln!("skipped: {variable} is not set, so that baseline is not exercised"),
+        }
+    }
+}

@@ -195,7 +195,9 @@ impl Client {
                 let millis = lease.as_millis() as f64;
                 let rows =
                     client.query(PG_CLAIM, &[&key, &fingerprint, &token, &millis]).await.map_err(|e| pg_code(&e))?;
-                let row = rows.first().ok_or("NoRow")?;
+                // No row at all: another transaction inserted the key after this statement's
+                // snapshot was taken, so the conflict hid it from the SELECT. It is held.
+                let Some(row) = rows.first() else { return Ok(Claimed::InProgress) };
                 let granted: Option<Uuid> = row.get(0);
                 let response: Option<Vec<u8>> = row.get(1);
                 Ok(match (granted, response) {
