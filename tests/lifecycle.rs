@@ -510,7 +510,7 @@ async fn the_load_generator_runs_every_scenario_against_the_coordinator() {
         idempotency_coordinator::bench::run(bench_options(format!("http://{}", server.addr), Scenario::Contention))
             .await
             .unwrap();
-    assert!(report.ops["claim"].latency.len() > 0);
+    assert!(!report.ops["claim"].latency.is_empty());
     assert!(report.ops.contains_key("release"), "some claims won and released: {}", report.to_table());
 }
 
