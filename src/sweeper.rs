@@ -26,6 +26,7 @@ pub fn spawn<S: Store>(
                 () = tokio::time::sleep(interval) => {}
             }
             let mut deleted = 0;
+            let started = std::time::Instant::now();
             loop {
                 match coordinator.sweep(batch).await {
                     Ok(report) => {
@@ -42,7 +43,8 @@ pub fn spawn<S: Store>(
                 }
             }
             if deleted > 0 {
-                tracing::debug!(deleted, "swept expired records");
+                let records = coordinator.store().record_count();
+                tracing::info!(deleted, records, took = ?started.elapsed(), "swept expired records");
             }
         }
     })
