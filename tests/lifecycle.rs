@@ -3,9 +3,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -147,9 +146,6 @@ async fn draining_answers_waiting_claims_and_refuses_new_calls() {
     server.stop().await;
 }
 
-/// The path of the server binary that cargo built for these tests.
-const BINARY: &str = env!("CARGO_BIN_EXE_idempotency-coordinator");
-
 /// Runs the binary on `data_dir` and returns its exit success and everything it logged.
 fn run_to_exit(data_dir: &Path) -> (bool, String) {
     let output = Command::new(BINARY)
@@ -197,52 +193,6 @@ fn a_corrupt_data_directory_stops_the_server_instead_of_starting_empty() {
     assert!(!success, "started on a corrupt directory: {log}");
     assert!(log.contains("data directory"), "{log}");
     assert_eq!(std::fs::read(data.join("conf")).unwrap(), b"this is not sled's configuration", "it overwrote the data");
-}
-
-/// A server binary running as a child process, with its actual address read from its log.
-struct ChildServer {
-    child: Child,
-    addr: String,
-}
-
-impl ChildServer {
-    fn start(data_dir: &Path) -> ChildServer {
-        let mut child = Command::new(BINARY)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines.next().expect("the server logs until it serves").unwrap();
-            if let Some(rest) = line.split("listen=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        ChildServer { child, addr }
-    }
-
-    async fn client(&self) -> pb::coordinator_client::CoordinatorClient<tonic::transport::Channel> {
-        pb::coordinator_client::CoordinatorClient::connect(format!("http://{}", self.addr)).await.unwrap()
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -365,7 +365,8 @@ pub fn renew(now: Timestamp, current: Option<&Record>, command: &Renew) -> Resul
     }
 }
 
-/// Decides a Release. Releasing an absent or already released key succeeds and changes nothing.
+/// Decides a Release. Releasing an absent key, or releasing again with the token that released
+/// it, succeeds and changes nothing; any other token that does not hold the key is refused.
 pub fn release(now: Timestamp, current: Option<&Record>, command: &Release) -> Result<Transition<()>, Rejection> {
     let Some(record) = live(now, current) else {
         return Ok(Transition::unchanged(()));
@@ -376,9 +377,11 @@ pub fn release(now: Timestamp, current: Option<&Record>, command: &Release) -> R
                 Record { updated_at: now, state: RecordState::Released { by: command.lease_token }, ..record.clone() };
             Ok(Transition { write: Some(released), outcome: () })
         }
-        RecordState::Released { .. } => Ok(Transition::unchanged(())),
+        RecordState::Released { by } if *by == command.lease_token => Ok(Transition::unchanged(())),
         RecordState::Completed { by, .. } if *by == command.lease_token => Err(Rejection::AlreadyCompleted),
-        RecordState::Held(_) | RecordState::Completed { .. } => Err(Rejection::LeaseLost),
+        RecordState::Held(_) | RecordState::Completed { .. } | RecordState::Released { .. } => {
+            Err(Rejection::LeaseLost)
+        }
     }
 }
 
@@ -658,6 +661,8 @@ mod tests {
         assert_eq!(lookup(at(1), Some(&released)).unwrap().state, KeyState::Released);
         let again = release(at(2), Some(&released), &Release { lease_token: grant.lease_token }).unwrap();
         assert_eq!(again.write, None);
+        let stranger = Release { lease_token: LeaseToken::generate() };
+        assert_eq!(release(at(2), Some(&released), &stranger), Err(Rejection::LeaseLost));
         let stale = Complete { lease_token: grant.lease_token, response: response("x"), retention: None };
         assert_eq!(complete(at(2), Some(&released), stale), Err(Rejection::LeaseLost));
         let (_, outcome) = apply_claim(at(2), Some(released), &claim_command(b"fp", ""), &mut counter);

@@ -2,8 +2,12 @@
 //! data directory, restartable on the same directory, stopped on drop.
 #![allow(dead_code)]
 
+pub mod history;
+
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -221,4 +225,66 @@ pub fn assert_status(status: &Status, code: Code, reason: &str) {
 /// Claims `key` and expects to acquire it.
 pub async fn claim_acquired(client: &mut CoordinatorClient<Channel>, key: &str) -> pb::Acquired {
     acquired(client.claim(claim_request(key, b"fp")).await.expect("claim works").into_inner())
+}
+
+/// The path of the server binary that cargo built for these tests.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_idempotency-coordinator");
+
+/// A server binary running as a child process, with its actual address read from its log.
+pub struct ChildServer {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl ChildServer {
+    pub fn start(data_dir: &Path) -> ChildServer {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// Starts the binary on `data_dir` with extra flags.
+    pub fn start_with(data_dir: &Path, flags: &[&str]) -> ChildServer {
+        let mut child = Command::new(BINARY)
+            .args(if flags.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] })
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(flags)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let mut seen = Vec::new();
+        let addr = loop {
+            let Some(line) = lines.next() else {
+                let status = child.wait().expect("the child exits");
+                panic!("the server exited ({status}) before serving:\n{}", seen.join("\n"));
+            };
+            let line = line.unwrap();
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+            seen.push(line);
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        ChildServer { child, addr }
+    }
+
+    pub async fn client(&self) -> pb::coordinator_client::CoordinatorClient<tonic::transport::Channel> {
+        pb::coordinator_client::CoordinatorClient::connect(format!("http://{}", self.addr)).await.unwrap()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
