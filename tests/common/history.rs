@@ -2,7 +2,8 @@
 //!
 //! - P1 one holder: per key, no grant starts before the previous grant's lease window ended
 //!   (its lease expiry, as extended by acknowledged renewals, or its acknowledged Complete).
-//! - P2 fencing tokens strictly increase per key, in grant order, and are never reused.
+//! - P2 fencing tokens strictly increase per key in real time (a grant answered before another
+//!   was asked for has the smaller token), and are never reused.
 //! - P3 a Complete/Renew/Release whose token was superseded (another grant of the key was
 //!   acknowledged before the call was sent) never succeeds.
 //! - P4 every acknowledged Complete is returned byte-identical by every later Claim or Lookup.
@@ -122,20 +123,35 @@ fn check_key(key: &str, events: &[&Event], violations: &mut Vec<String>) {
             });
         }
     }
-    grants.sort_by_key(|g| (g.start, g.fencing));
-
-    // P2: strictly increasing in grant order, never reused.
-    for pair in grants.windows(2) {
-        if pair[1].fencing <= pair[0].fencing {
-            violations.push(format!(
-                "P2 {key}: grant at {} got fencing {} after grant at {} with {}",
-                pair[1].start, pair[1].fencing, pair[0].start, pair[0].fencing
-            ));
+    // P2: never reused, and increasing in real time: a grant answered before another was asked
+    // for has the smaller token. (Server times cannot order grants: the clock may step back.)
+    for (i, a) in grants.iter().enumerate() {
+        for b in &grants[i + 1..] {
+            let ordered = if a.event.returned <= b.event.invoked {
+                Some((a, b))
+            } else if b.event.returned <= a.event.invoked {
+                Some((b, a))
+            } else {
+                None
+            };
+            if a.fencing == b.fencing {
+                violations.push(format!("P2 {key}: fencing {} granted twice ({} and {})", a.fencing, a.token, b.token));
+            } else if let Some((first, second)) = ordered
+                && second.fencing < first.fencing
+            {
+                violations.push(format!(
+                    "P2 {key}: grant {} got fencing {} after grant {} with {}",
+                    second.token, second.fencing, first.token, first.fencing
+                ));
+            }
         }
     }
+    // The grants in the order the server made them: by fencing token (P2 checks that order).
+    grants.sort_by_key(|g| g.fencing);
 
     // P1: each grant's window ends (at the latest acknowledged renewal's expiry, or earlier at
-    // its acknowledged Complete, or at its acknowledged Release) before the next grant starts.
+    // its acknowledged Complete, or at its acknowledged Release) before the next grant starts,
+    // both in the server's time (the only time in which a lease is defined).
     // Indeterminate renewals are assumed not to have happened, the lenient reading.
     for pair in grants.windows(2) {
         let (earlier, later) = (&pair[0], &pair[1]);
