@@ -870,3 +870,122 @@ async fn clock_steps_during_traffic_keep_p1_to_p3() {
     eprintln!("clock steps: {steps} steps, {} calls, {grants} grants", events.len());
     assert!(violations.is_empty(), "{}", violations.join("\n"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input through a real HTTP/2 connection: bytes no generated client would send.
+
+/// Sends one gRPC call with a hand-made frame and returns its grpc-status.
+async fn raw_call(addr: std::net::SocketAddr, path: &str, frame: Vec<u8>, encoding: Option<&str>) -> i32 {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(encoding) = encoding {
+        request = request.header("grpc-encoding", encoding);
+    }
+    let (response, mut body) = client.send_request(request.body(()).unwrap(), false).unwrap();
+    body.send_data(bytes::Bytes::from(frame), true).unwrap();
+    let response = response.await.unwrap();
+    let status_of =
+        |headers: &http::HeaderMap| headers.get("grpc-status").map(|v| v.to_str().unwrap().parse::<i32>().unwrap());
+    if let Some(status) = status_of(response.headers()) {
+        return status;
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+    }
+    status_of(&body.trailers().await.unwrap().expect("trailers")).expect("a grpc-status")
+}
+
+/// A gRPC length-prefixed frame.
+fn frame(compressed: bool, declared_len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![u8::from(compressed)];
+    bytes.extend_from_slice(&declared_len.to_be_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_get_a_status_and_change_nothing() {
+    use prost::Message;
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    claim_acquired(&mut client, "existing").await;
+    let before = server.digest();
+    let claim = "/idempotency.v1.Coordinator/Claim";
+    let cases: Vec<(&str, Vec<u8>, Option<&str>, i32)> = vec![
+        // Not protobuf at all: the transport's decode error, INTERNAL (gRPC's code for it).
+        ("garbage bytes", frame(false, 7, &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]), None, 13),
+        // Field 2 (key, a string) sent as a varint.
+        ("wrong wire type", frame(false, 2, &[0x10, 0x05]), None, 13),
+        // A frame that claims 100 MB: refused from its length alone.
+        ("declared length beyond the limit", frame(false, 100 << 20, &[0; 16]), None, 11),
+        // Compressed (a possible compression bomb): the server accepts no compression.
+        (
+            "gzip-compressed",
+            frame(true, 20, &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]),
+            Some("gzip"),
+            12,
+        ),
+        // An empty message: every field at its default, so an empty key.
+        ("empty message", frame(false, 0, &[]), None, 3),
+    ];
+    for (name, bytes, encoding, expected) in cases {
+        let status = raw_call(server.addr, claim, bytes, encoding).await;
+        assert_eq!(status, expected, "{name}");
+    }
+    assert_eq!(server.digest(), before, "hostile frames changed the store");
+
+    // Unknown fields are skipped, as protobuf requires: the call works.
+    let mut payload = lookup_request("existing").encode_to_vec();
+    payload.extend_from_slice(&[0xf8, 0x06, 0x01]); // field 111, varint 1
+    let status =
+        raw_call(server.addr, "/idempotency.v1.Coordinator/Lookup", frame(false, payload.len() as u32, &payload), None)
+            .await;
+    assert_eq!(status, 0);
+    // An unknown method.
+    assert_eq!(raw_call(server.addr, "/idempotency.v1.Coordinator/Drop", frame(false, 0, &[]), None).await, 12);
+    // And the server still serves everyone else.
+    in_progress(client.claim(claim_request("existing", b"fp")).await.unwrap().into_inner());
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// How many idle connections to open: 10,000 (the machine allows 20,000 descriptors per process).
+fn idle_connections() -> usize {
+    std::env::var("IDEMPOTENCY_IDLE_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_do_not_stop_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(&dir.path().join("data"));
+    let pid = server.child.id();
+    let mut client = server.client().await;
+    claim_acquired(&mut client, "before").await;
+    let rss_before = rss_kib(pid);
+    let mut idle = Vec::new();
+    for _ in 0..idle_connections() {
+        idle.push(tokio::net::TcpStream::connect(&server.addr).await.expect("the server accepts"));
+    }
+    // Every one of them is open; a real client still gets served, quickly enough to finish.
+    let mut other = server.client().await;
+    let grant = claim_acquired(&mut other, "during").await;
+    other.complete(complete_request("during", &grant.lease_token, b"ok")).await.unwrap();
+    let rss_during = rss_kib(pid);
+    eprintln!("idle connections: {}, server RSS {rss_before} KiB before, {rss_during} KiB with them open", idle.len());
+    assert!(rss_during < rss_before + 512 * 1024, "memory grew by {} KiB", rss_during - rss_before);
+    drop(idle);
+    completed(client.claim(claim_request("during", b"fp")).await.unwrap().into_inner());
+}
