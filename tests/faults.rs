@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::history::{self, Call, Event, History, Outcome};
 use common::*;
+use idempotency_coordinator::bench::Rng;
 use idempotency_coordinator::pb;
 use idempotency_coordinator::pb::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
@@ -272,23 +273,6 @@ fn millis_of(timestamp: Option<prost_types::Timestamp>) -> i64 {
     t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
 }
 
-/// splitmix64, so that a failing seed can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// One client of the randomized workload: claims keys from a small space with short leases,
 /// then completes, releases, renews, abandons or looks up, and sometimes reuses an old token.
 /// The key space moves on every 300 ms (all clients share the same `keys` keys at a time), so
@@ -321,6 +305,22 @@ async fn workload_client(mut recorder: Recorder, seed: u64, keys: u64, start: In
                 recorder.complete(&key, &token, format!("{key} by {token}").as_bytes()).await;
             }
             _ => {} // abandoned: the lease lapses and someone takes over
+        }
+    }
+}
+
+/// Opens a store that was just closed in this process. sled's I/O threads may hold the
+/// directory's lock for a moment after the last handle is dropped, so a locked directory is
+/// retried for a few seconds (a different process holding it would fail every retry).
+pub fn reopen<T, E: std::fmt::Debug>(mut open: impl FnMut() -> Result<T, E>) -> T {
+    let give_up = Instant::now() + Duration::from_secs(5);
+    loop {
+        match open() {
+            Ok(opened) => return opened,
+            Err(error) if Instant::now() < give_up && format!("{error:?}").contains("could not acquire lock") => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(error) => panic!("the store reopens: {error:?}"),
         }
     }
 }

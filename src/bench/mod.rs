@@ -245,10 +245,11 @@ struct Shared {
 }
 
 /// A small deterministic generator (splitmix64), so key choice repeats with `--seed`.
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -256,8 +257,9 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
     }
 }
 
@@ -398,7 +400,7 @@ async fn worker(index: usize, mut client: Client, shared: Arc<Shared>) -> BTreeM
         let scenario = match shared.options.scenario {
             Scenario::Mixed => {
                 let [flow, replay, lookup] = shared.mix;
-                let pick = (rng.next() % u64::from(flow + replay + lookup)) as u32;
+                let pick = (rng.next_u64() % u64::from(flow + replay + lookup)) as u32;
                 if pick < flow {
                     Scenario::Flow
                 } else if pick < flow + replay {
@@ -436,7 +438,7 @@ async fn worker(index: usize, mut client: Client, shared: Arc<Shared>) -> BTreeM
                 local.push(("flow", flow_started.elapsed(), flow_result));
             }
             Scenario::Replay => {
-                let key = prepared_key(&shared.run_id, rng.below(shared.options.key_space));
+                let key = prepared_key(&shared.run_id, rng.below(shared.options.key_space as u64) as usize);
                 let started = Instant::now();
                 let result = match client.claim(&key, &FINGERPRINT, LEASE).await {
                     Ok(Claimed::Completed(size)) if size == shared.body.len() => Ok(()),
@@ -449,7 +451,7 @@ async fn worker(index: usize, mut client: Client, shared: Arc<Shared>) -> BTreeM
                 local.push(("replay", started.elapsed(), result));
             }
             Scenario::Lookup => {
-                let key = prepared_key(&shared.run_id, rng.below(shared.options.key_space));
+                let key = prepared_key(&shared.run_id, rng.below(shared.options.key_space as u64) as usize);
                 let started = Instant::now();
                 let result = client.lookup(&key).await;
                 local.push(("lookup", started.elapsed(), result));
@@ -460,7 +462,7 @@ async fn worker(index: usize, mut client: Client, shared: Arc<Shared>) -> BTreeM
                 local.push(("health", started.elapsed(), result));
             }
             Scenario::Contention => {
-                let key = format!("{}-hot-{}", shared.run_id, rng.below(shared.options.key_space));
+                let key = format!("{}-hot-{}", shared.run_id, rng.below(shared.options.key_space as u64) as usize);
                 let started = Instant::now();
                 match client.claim(&key, &FINGERPRINT, LEASE).await {
                     Ok(Claimed::Acquired(token)) => {

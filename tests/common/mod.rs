@@ -66,7 +66,20 @@ impl TestServer {
     async fn launch(&mut self) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
         self.addr = listener.local_addr().unwrap();
-        let coordinator = server::open(&self.config, Arc::new(self.clock.clone())).expect("the store opens");
+        // After an in-process restart, sled's I/O threads may hold the directory lock a moment
+        // longer than the last handle; a lock held by another process would fail every retry.
+        let give_up = std::time::Instant::now() + Duration::from_secs(5);
+        let coordinator = loop {
+            match server::open(&self.config, Arc::new(self.clock.clone())) {
+                Ok(coordinator) => break coordinator,
+                Err(error)
+                    if std::time::Instant::now() < give_up && error.to_string().contains("could not acquire lock") =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(error) => panic!("the store opens: {error}"),
+            }
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let options = ServeOptions::from(&self.config);
         self.task = Some(tokio::spawn(server::serve(listener, Arc::clone(&coordinator), options, async move {
