@@ -431,6 +431,7 @@ fn bench_options(
         seed: 7,
         mix: "20,70,10".to_owned(),
         synchronous_commit: true,
+        rate: 0,
         json: false,
     }
 }

@@ -75,6 +75,9 @@ pub struct Options {
     /// For PostgreSQL targets: run with synchronous_commit on (durable) or off.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub synchronous_commit: bool,
+    /// Hold the load to this many units per second in all (0: as fast as the target answers).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -384,7 +387,17 @@ async fn worker(index: usize, mut client: Client, shared: Arc<Shared>) -> BTreeM
     let mut stats: BTreeMap<String, OpStats> = BTreeMap::new();
     let mut rng = Rng(shared.options.seed.wrapping_mul(1_000_003).wrapping_add(index as u64));
     let mut sequence = 0u64;
+    // With --rate, each worker takes its share of the rate on a fixed schedule.
+    let mut pace = (shared.options.rate > 0).then(|| {
+        let period = Duration::from_secs_f64(shared.options.concurrency as f64 / shared.options.rate as f64);
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    });
     loop {
+        if let Some(pace) = pace.as_mut() {
+            pace.tick().await;
+        }
         if shared.stop.load(Ordering::Relaxed) {
             break;
         }
