@@ -1068,3 +1068,54 @@ async fn a_steady_load_with_sweeping_keeps_memory_and_disk_flat() {
         }
     }
 }
+
+/// A client that asks for large responses and never reads them: HTTP/2 flow control stops the
+/// server from sending, each stuck call holds one encoded response, and everyone else is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_does_not_stop_the_service() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(&dir.path().join("data"));
+    let pid = server.child.id();
+    let mut client = server.client().await;
+    let grant = claim_acquired(&mut client, "large").await;
+    let body = vec![7u8; 256 * 1024];
+    client.complete(complete_request("large", &grant.lease_token, &body)).await.unwrap();
+    let rss_before = rss_kib(pid);
+
+    // A connection whose receive window is zero: the server may send headers but no data.
+    let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let (h2_client, connection) = h2::client::Builder::new().initial_window_size(0).handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let payload = lookup_request("large").encode_to_vec();
+    let mut stuck = Vec::new();
+    for _ in 0..64 {
+        let mut h2_client = h2_client.clone().ready().await.unwrap();
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}/idempotency.v1.Coordinator/Lookup", server.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, mut send) = h2_client.send_request(request, false).unwrap();
+        send.send_data(bytes::Bytes::from(frame(false, payload.len() as u32, &payload)), true).unwrap();
+        stuck.push(response);
+    }
+    // Meanwhile a normal client is served, including the same large response.
+    let mut other = server.client().await;
+    for _ in 0..20 {
+        let view = other.lookup(lookup_request("large")).await.unwrap().into_inner();
+        assert_eq!(view.response.unwrap().body.len(), body.len());
+    }
+    let rss_stuck = rss_kib(pid);
+    eprintln!(
+        "stuck reader: 64 calls of 256 KiB never read; server RSS {rss_before} KiB before, {rss_stuck} KiB with them stuck"
+    );
+    // 64 encoded responses of 256 KiB are 16 MiB; allow generous room for buffers.
+    assert!(rss_stuck < rss_before + 128 * 1024, "memory grew by {} KiB", rss_stuck - rss_before);
+    drop(stuck);
+    drop(h2_client);
+    let view = other.lookup(lookup_request("large")).await.unwrap().into_inner();
+    assert_eq!(view.state(), pb::KeyState::Completed);
+}
