@@ -76,6 +76,11 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_CACHE_MB", default_value_t = 256)]
     pub cache_mb: u64,
 
+    /// Calls one HTTP/2 connection may have in flight; more wait in the client. Bounds what one
+    /// connection can pin in memory (a client that stops reading holds one response per call).
+    #[arg(long, env = "IDEMPOTENCY_MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
+    pub max_streams_per_connection: u32,
+
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before the server exits.
     #[arg(long, env = "IDEMPOTENCY_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,

@@ -55,6 +55,8 @@ pub struct ServeOptions {
     pub sweep_batch: usize,
     /// How long in-flight calls may take to finish after the stop signal.
     pub shutdown_grace: Duration,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub max_streams_per_connection: u32,
 }
 
 impl From<&Config> for ServeOptions {
@@ -63,6 +65,7 @@ impl From<&Config> for ServeOptions {
             sweep_interval: config.sweep_interval,
             sweep_batch: config.sweep_batch,
             shutdown_grace: config.shutdown_grace,
+            max_streams_per_connection: config.max_streams_per_connection,
         }
     }
 }
@@ -147,6 +150,7 @@ pub async fn serve<S: Store>(
         }
     };
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(options.max_streams_per_connection)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

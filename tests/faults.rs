@@ -1070,12 +1070,13 @@ async fn a_steady_load_with_sweeping_keeps_memory_and_disk_flat() {
 }
 
 /// A client that asks for large responses and never reads them: HTTP/2 flow control stops the
-/// server from sending, each stuck call holds one encoded response, and everyone else is served.
+/// server from sending, each stuck call holds one encoded response, the per-connection stream
+/// limit caps how many such calls one connection can have, and everyone else is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_does_not_stop_the_service() {
     use prost::Message;
     let dir = tempfile::tempdir().unwrap();
-    let server = ChildServer::start(&dir.path().join("data"));
+    let server = ChildServer::start_with(&dir.path().join("data"), &["--max-streams-per-connection", "64"]);
     let pid = server.child.id();
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "large").await;
@@ -1088,20 +1089,31 @@ async fn a_client_that_stops_reading_does_not_stop_the_service() {
     let (h2_client, connection) = h2::client::Builder::new().initial_window_size(0).handshake(tcp).await.unwrap();
     tokio::spawn(connection);
     let payload = lookup_request("large").encode_to_vec();
-    let mut stuck = Vec::new();
-    for _ in 0..64 {
-        let mut h2_client = h2_client.clone().ready().await.unwrap();
-        let request = http::Request::builder()
+    let lookup = || {
+        http::Request::builder()
             .method("POST")
             .uri(format!("http://{}/idempotency.v1.Coordinator/Lookup", server.addr))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .body(())
-            .unwrap();
-        let (response, mut send) = h2_client.send_request(request, false).unwrap();
+            .unwrap()
+    };
+    let mut stuck = Vec::new();
+    for _ in 0..65 {
+        let mut h2_client = h2_client.clone().ready().await.unwrap();
+        let (response, mut send) = h2_client.send_request(lookup(), false).unwrap();
         send.send_data(bytes::Bytes::from(frame(false, payload.len() as u32, &payload)), true).unwrap();
-        stuck.push(response);
+        stuck.push((response, send));
     }
+    // The first 64 are answered (headers need no window); the 65th waits for a free stream.
+    let (last, _) = stuck.pop().unwrap();
+    let mut answered = Vec::new();
+    for (response, send) in stuck {
+        answered
+            .push((tokio::time::timeout(Duration::from_secs(30), response).await.expect("answered").unwrap(), send));
+    }
+    let waiting = tokio::time::timeout(Duration::from_millis(500), last).await;
+    assert!(waiting.is_err(), "the server let a connection run more calls than its stream limit");
     // Meanwhile a normal client is served, including the same large response.
     let mut other = server.client().await;
     for _ in 0..20 {
@@ -1114,7 +1126,7 @@ async fn a_client_that_stops_reading_does_not_stop_the_service() {
     );
     // 64 encoded responses of 256 KiB are 16 MiB; allow generous room for buffers.
     assert!(rss_stuck < rss_before + 128 * 1024, "memory grew by {} KiB", rss_stuck - rss_before);
-    drop(stuck);
+    drop(answered);
     drop(h2_client);
     let view = other.lookup(lookup_request("large")).await.unwrap().into_inner();
     assert_eq!(view.state(), pb::KeyState::Completed);

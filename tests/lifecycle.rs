@@ -329,6 +329,7 @@ async fn serve_on(
         sweep_interval: Duration::from_secs(3600),
         sweep_batch: 100,
         shutdown_grace: Duration::from_secs(1),
+        max_streams_per_connection: 256,
     };
     let task = tokio::spawn(async move {
         let _ = server::serve(listener, coordinator, serve_options, async move {
