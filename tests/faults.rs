@@ -683,7 +683,7 @@ mod model {
             max_records: 1000,
             cache_capacity_bytes: 1 << 22,
         };
-        SledStore::open(&options).expect("the store reopens")
+        super::reopen(|| SledStore::open(&options))
     }
 
     impl Subject {

@@ -2,14 +2,15 @@
 //!
 //! Layout of the one sled tree (all integers big-endian, so byte order is numeric order):
 //! - `r` + namespace length (1 byte) + namespace + key → the encoded [`Record`];
-//! - `x` + expires_at (8 bytes) + the record's key → nothing: the expiry index, oldest first;
+//! - `x` + expiry bucket (8 bytes: expires_at rounded up to the second) + the record's key →
+//!   nothing: the expiry index, oldest first;
 //! - `m:fencing-reserved` → the fencing token below which this process may hand out tokens.
 //!
 //! Invariants:
 //! - All changes to one key happen under that key's stripe lock, so a read-decide-write is atomic
 //!   against every other call (sled's directory lock keeps other processes out). Stripe locks
 //!   are held only around in-memory sled calls, never across an await or a flush.
-//! - Every record has an index entry at its expiry time. Writes add the new entry before the
+//! - Every record has an index entry at its expiry bucket, which is never earlier than its expiry. Writes add the new entry before the
 //!   record and drop the old one after, sweeps drop the record before its entry, so a crash
 //!   leaves at most stale entries (which sweeping drops), never a record that is not indexed.
 //! - A reply reports only state that is durable: writers wait for their group-commit ticket,
@@ -299,7 +300,8 @@ impl Inner {
     /// process-wide write lock that serialises every write in the store.)
     fn write(&self, record_key: &[u8], previous: Option<&Record>, record: &Record) -> Result<(), StoreError> {
         let expires_at = record.expires_at();
-        let previous_expiry = previous.map(Record::expires_at).filter(|previous| *previous != expires_at);
+        let previous_expiry =
+            previous.map(Record::expires_at).filter(|previous| expiry_bucket(*previous) != expiry_bucket(expires_at));
         if previous.is_none() || previous_expiry.is_some() {
             self.db.insert(index_key(expires_at, record_key), &[]).map_err(unavailable)?;
         }
@@ -323,8 +325,11 @@ impl Inner {
     /// Deletes up to `batch` index entries that are due at `now`: expired records with their
     /// entries, and stale entries alone. Blocking; the caller keeps it off the async workers.
     fn sweep(&self, now: Timestamp, batch: usize, lock_wait: LockWait) -> Result<SweepReport, StoreError> {
-        // Entries expiring at `now` are expired too: the range ends just after `now`.
-        let end = index_key(now.plus(std::time::Duration::from_millis(1)), &[]);
+        // Entries filed at or before `now` hold only expired records (a bucket is never earlier
+        // than its records' expiry): the range ends just after `now`. The key is built directly,
+        // not through the bucket, so that `now` itself is not rounded up.
+        let mut end = vec![INDEX_PREFIX];
+        end.extend_from_slice(&(((now.unix_millis() + 1) as u64) ^ (1 << 63)).to_be_bytes());
         let mut report = SweepReport::default();
         for entry in self.db.range([INDEX_PREFIX].as_slice()..end.as_slice()).keys() {
             if report.scanned == batch {
@@ -482,11 +487,20 @@ fn record_key(namespace: &Namespace, key: &Key) -> Vec<u8> {
     bytes
 }
 
+/// The index files a record under its expiry rounded up to the whole second. A Claim and its
+/// Complete usually fall in the same second, so the Complete need not move the entry (two sled
+/// writes fewer per flow). A record is then swept up to a second after it expired; calls treat it
+/// as absent from its exact expiry on, as always.
+fn expiry_bucket(expires_at: Timestamp) -> i64 {
+    let millis = expires_at.unix_millis();
+    millis.saturating_add(999).div_euclid(1000).saturating_mul(1000)
+}
+
 fn index_key(expires_at: Timestamp, record_key: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(9 + record_key.len());
     bytes.push(INDEX_PREFIX);
     // Flip the sign bit so that negative instants sort before positive ones.
-    bytes.extend_from_slice(&((expires_at.unix_millis() as u64) ^ (1 << 63)).to_be_bytes());
+    bytes.extend_from_slice(&((expiry_bucket(expires_at) as u64) ^ (1 << 63)).to_be_bytes());
     bytes.extend_from_slice(record_key);
     bytes
 }
