@@ -541,3 +541,24 @@ fn durable_flush(db: sled::Db, path: &Path) -> std::io::Result<FlushFn> {
         Ok(())
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_buckets_round_up_to_the_second_and_keep_order() {
+        let bucket = |millis| expiry_bucket(Timestamp::from_unix_millis(millis));
+        assert_eq!(bucket(1_000), 1_000);
+        assert_eq!(bucket(1_001), 2_000);
+        assert_eq!(bucket(1_999), 2_000);
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(-1), 0);
+        assert_eq!(bucket(-1_001), -1_000);
+        let key = b"r\x01nk";
+        assert!(index_key(Timestamp::from_unix_millis(-5), key) < index_key(Timestamp::from_unix_millis(5), key));
+        assert!(
+            index_key(Timestamp::from_unix_millis(1_500), key) < index_key(Timestamp::from_unix_millis(2_001), key)
+        );
+    }
+}
