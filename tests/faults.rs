@@ -1010,8 +1010,9 @@ fn dir_bytes(path: &std::path::Path) -> u64 {
 
 /// `IDEMPOTENCY_SOAK_SECONDS` (default 15) of steady flows at 400/s against the server binary,
 /// with 20 s retention and sweeping every second. Always: zero errors and zero double grants.
-/// For runs of 5 minutes or more: RSS and disk, sampled every 10 s (3 s in short runs), stay within ±10 % of their
-/// mean over the last two thirds (after warm-up). The figures of the last long run are in
+/// For runs of 5 minutes or more, over the last two thirds (after warm-up), sampled every 10 s:
+/// RSS stays within ±10 % of its mean; disk does not grow (the mean of the later half within
+/// 10 % of the earlier half's; single samples within 25 %, as sled works in 512 KiB segments). The figures of the last long run are in
 /// RELIABILITY.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steady_load_with_sweeping_keeps_memory_and_disk_flat() {
@@ -1055,16 +1056,24 @@ async fn a_steady_load_with_sweeping_keeps_memory_and_disk_flat() {
     assert!(report.units > seconds * 300, "the load fell far below its rate: {}", report.units);
     if seconds >= 300 {
         let steady = &samples[samples.len() / 3..];
-        for (name, values) in
-            [("RSS", steady.iter().map(|s| s.0).collect::<Vec<_>>()), ("disk", steady.iter().map(|s| s.1).collect())]
-        {
-            let mean = values.iter().sum::<u64>() as f64 / values.len() as f64;
-            for value in &values {
-                assert!(
-                    (*value as f64 - mean).abs() <= mean * 0.10,
-                    "{name} is not flat: {value} against a mean of {mean:.0}: {values:?}"
-                );
-            }
+        let mean = |values: &[u64]| values.iter().sum::<u64>() as f64 / values.len() as f64;
+        let rss: Vec<u64> = steady.iter().map(|s| s.0).collect();
+        let rss_mean = mean(&rss);
+        for value in &rss {
+            assert!(
+                (*value as f64 - rss_mean).abs() <= rss_mean * 0.10,
+                "RSS is not flat: {value} against {rss_mean:.0}: {rss:?}"
+            );
+        }
+        // sled fills and reclaims its files a 512 KiB segment at a time, so single disk samples
+        // swing by a few segments around a level; what must not happen is growth. The level of
+        // the second half stays within 10 % of the first, and no sample strays beyond 25 %.
+        let disk: Vec<u64> = steady.iter().map(|s| s.1).collect();
+        let (first, second) = disk.split_at(disk.len() / 2);
+        let (first, second, all) = (mean(first), mean(second), mean(&disk));
+        assert!((second - first).abs() <= first * 0.10, "disk grew from {first:.0} to {second:.0}: {disk:?}");
+        for value in &disk {
+            assert!((*value as f64 - all).abs() <= all * 0.25, "disk swung to {value} around {all:.0}: {disk:?}");
         }
     }
 }
