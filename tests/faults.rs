@@ -90,6 +90,15 @@ fn the_checker_finds_two_holders_at_once() {
         t.event("k", claim(), grant("b", 2, 3_000), 2_000, 2_001),
     ];
     assert_eq!(violations_of(&events, "P1"), 1);
+    // A later renewal that ended the lease earlier (shorter ttl, or a clock stepped back) is
+    // where the window ends.
+    let events = vec![
+        t.event("k", claim(), grant("a", 1, 1_000), 0, 1),
+        t.event("k", Call::Renew { token: "a".into() }, Outcome::RenewOk { lease_expires_at: 3_000 }, 100, 101),
+        t.event("k", Call::Renew { token: "a".into() }, Outcome::RenewOk { lease_expires_at: 1_200 }, 200, 201),
+        t.event("k", claim(), grant("b", 2, 3_000), 2_000, 2_001),
+    ];
+    assert_eq!(violations_of(&events, "P1"), 0);
     // But a Release sent before the second grant was answered may have ended it.
     let events = vec![
         t.event("k", claim(), grant("a", 1, 1_000), 0, 1),

@@ -1,7 +1,7 @@
 //! A history of client calls and a checker for the coordinator's safety properties:
 //!
 //! - P1 one holder: per key, no grant starts before the previous grant's lease window ended
-//!   (its lease expiry, as extended by acknowledged renewals, or its acknowledged Complete).
+//!   (its lease expiry as set by its last renewal, or its acknowledged Complete or Release).
 //! - P2 fencing tokens strictly increase per key in real time (a grant answered before another
 //!   was asked for has the smaller token), and are never reused.
 //! - P3 a Complete/Renew/Release whose token was superseded (another grant of the key was
@@ -155,15 +155,23 @@ fn check_key(key: &str, events: &[&Event], violations: &mut Vec<String>) {
     // Indeterminate renewals are assumed not to have happened, the lenient reading.
     for pair in grants.windows(2) {
         let (earlier, later) = (&pair[0], &pair[1]);
-        let mut end = earlier.expires;
-        for event in events {
-            match (&event.call, &event.outcome) {
-                (Call::Renew { token }, Outcome::RenewOk { lease_expires_at }) if token == earlier.token => {
-                    end = end.max(*lease_expires_at);
-                }
-                _ => {}
-            }
+        // A Renew sets the lease to end `lease_ttl` after the server's now, which may be earlier
+        // than before (a shorter ttl, or a clock stepped back): the window ends where the last
+        // applied renewal put it. With a renewal of unknown outcome that end is unknown, so the
+        // pair is not judged.
+        let renewals: Vec<&&Event> =
+            events.iter().filter(|e| matches!(&e.call, Call::Renew { token } if token == earlier.token)).collect();
+        if renewals.iter().any(|e| e.outcome == Outcome::Unknown) {
+            continue;
         }
+        let end = renewals
+            .iter()
+            .filter_map(|e| match e.outcome {
+                Outcome::RenewOk { lease_expires_at } => Some((e.returned, lease_expires_at)),
+                _ => None,
+            })
+            .max_by_key(|(returned, _)| *returned)
+            .map_or(earlier.expires, |(_, expires)| expires);
         // A Release takes effect somewhere between its call and its reply: it may have ended the
         // window before the later grant unless that grant was answered before the Release was sent.
         let finished_early = events.iter().any(|event| match (&event.call, &event.outcome) {
