@@ -205,12 +205,12 @@ impl SledStore {
     /// microseconds. Moving it to `spawn_blocking` was measured to halve throughput (thread
     /// hand-offs dominated the profile). The exception is a fencing reservation's flush, once per
     /// 2^20 grants.
-    async fn update<T: Send + 'static>(
+    async fn update<T>(
         &self,
         namespace: &Namespace,
         key: &Key,
         now: Timestamp,
-        decide: impl FnOnce(&Inner, Option<&Record>) -> Result<Transition<T>, StoreError> + Send + 'static,
+        decide: impl FnOnce(&Inner, Option<&Record>) -> Result<Transition<T>, StoreError>,
     ) -> Result<T, StoreError> {
         let record_key = record_key(namespace, key);
         let (outcome, ticket) = self.inner.apply(&record_key, now, decide)?;
@@ -384,10 +384,9 @@ impl Store for SledStore {
         now: Timestamp,
         command: &Claim,
     ) -> Result<ClaimOutcome, StoreError> {
-        let command = command.clone();
-        self.update(namespace, key, now, move |inner, current| {
+        self.update(namespace, key, now, |inner, current| {
             let mut drawn = Ok(FencingToken(0));
-            let transition = machine::claim(now, current, &command, |floor| {
+            let transition = machine::claim(now, current, command, |floor| {
                 drawn = inner.next_fencing_token(floor);
                 // On failure the transition is discarded below; any token above the floor will do.
                 *drawn.as_ref().unwrap_or(&FencingToken(u64::MAX))
@@ -415,8 +414,7 @@ impl Store for SledStore {
         now: Timestamp,
         command: &Renew,
     ) -> Result<RenewOutcome, StoreError> {
-        let command = command.clone();
-        self.update(namespace, key, now, move |_, current| Ok(machine::renew(now, current, &command)?)).await
+        self.update(namespace, key, now, |_, current| Ok(machine::renew(now, current, command)?)).await
     }
 
     async fn release(
@@ -426,8 +424,7 @@ impl Store for SledStore {
         now: Timestamp,
         command: &Release,
     ) -> Result<(), StoreError> {
-        let command = command.clone();
-        self.update(namespace, key, now, move |_, current| Ok(machine::release(now, current, &command)?)).await
+        self.update(namespace, key, now, |_, current| Ok(machine::release(now, current, command)?)).await
     }
 
     async fn lookup(&self, namespace: &Namespace, key: &Key, now: Timestamp) -> Result<KeyView, StoreError> {
