@@ -63,7 +63,7 @@ async fn flow(store: &SledStore, namespace: &Namespace, id: u64) {
     let key = Key::parse(&format!("key-{id}")).unwrap();
     let now = Timestamp::from_unix_millis(1_767_225_600_000);
     let command = claim_command();
-    store.claim(namespace, &key, now, &command).await.unwrap();
+    store.claim(namespace, &key, now, &command, false).await.unwrap();
     let complete = Complete { lease_token: command.new_lease_token, response: response(), retention: None };
     store.complete(namespace, &key, now, complete).await.unwrap();
 }
@@ -83,7 +83,7 @@ fn store_operations(c: &mut Criterion) {
         let replayed = Key::parse("key-0").unwrap();
         let command = claim_command();
         group.bench_function(BenchmarkId::new("replay", format!("{durability:?}")), |b| {
-            b.to_async(&runtime).iter(|| store.claim(&namespace, &replayed, now, &command))
+            b.to_async(&runtime).iter(|| store.claim(&namespace, &replayed, now, &command, false))
         });
         runtime.block_on(store.close()).unwrap();
     }

@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
@@ -88,6 +89,40 @@ impl Clock for ManualClock {
     }
 }
 
+/// Another clock plus an offset in milliseconds that may change while it runs: the database
+/// clock as seen from this host (the PostgreSQL store measures the offset), or an injected skew.
+#[derive(Clone)]
+pub struct OffsetClock {
+    base: Arc<dyn Clock>,
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl OffsetClock {
+    /// `base` read `offset_ms` ahead (negative: behind).
+    pub fn new(base: Arc<dyn Clock>, offset_ms: Arc<AtomicI64>) -> Self {
+        OffsetClock { base, offset_ms }
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> Timestamp {
+        let offset = self.offset_ms.load(Ordering::Relaxed);
+        Timestamp::from_unix_millis(self.base.now().unix_millis().saturating_add(offset))
+    }
+
+    fn sleep_until(&self, deadline: Timestamp) -> Sleep {
+        let clock = self.clone();
+        Box::pin(async move {
+            // The offset may change while we sleep: sleep on the base clock, then look again.
+            while clock.now() < deadline {
+                let offset = clock.offset_ms.load(Ordering::Relaxed);
+                let base_deadline = Timestamp::from_unix_millis(deadline.unix_millis().saturating_sub(offset));
+                let _ = tokio::time::timeout(Duration::from_secs(1), clock.base.sleep_until(base_deadline)).await;
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +137,23 @@ mod tests {
         clock.advance(Duration::from_millis(1));
         tokio::time::timeout(Duration::from_secs(5), sleep).await.expect("woke").expect("no panic");
         assert_eq!(clock.now(), Timestamp::from_unix_millis(1_000));
+    }
+
+    #[tokio::test]
+    async fn offset_clocks_follow_their_base_and_their_offset() {
+        let base = ManualClock::new(Timestamp::from_unix_millis(10_000));
+        let offset = Arc::new(AtomicI64::new(-4_000));
+        let clock = OffsetClock::new(Arc::new(base.clone()), Arc::clone(&offset));
+        assert_eq!(clock.now(), Timestamp::from_unix_millis(6_000));
+        let sleep = tokio::spawn(clock.sleep_until(Timestamp::from_unix_millis(7_000)));
+        base.advance(Duration::from_millis(999));
+        tokio::task::yield_now().await;
+        assert!(!sleep.is_finished());
+        // The offset moves the clock too: 999 ms on the base plus 1 ms of offset reach the deadline.
+        offset.store(-3_999, Ordering::Relaxed);
+        base.advance(Duration::from_millis(1));
+        tokio::time::timeout(Duration::from_secs(5), sleep).await.expect("woke").expect("no panic");
+        assert!(clock.now() >= Timestamp::from_unix_millis(7_000));
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::domain::Limits;
 use crate::store::sled::Durability;
@@ -14,6 +14,10 @@ use crate::store::sled::Durability;
 #[derive(Debug, Clone, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Config {
+    /// Without a subcommand, the server runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address to serve gRPC on.
     #[arg(long, env = "IDEMPOTENCY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -21,6 +25,29 @@ pub struct Config {
     /// Directory of the embedded store; created if missing. Only one server may use it at a time.
     #[arg(long, env = "IDEMPOTENCY_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
+
+    /// Keep records in PostgreSQL instead (postgres://user@host:port/database), shared by any
+    /// number of replicas. Unset: the embedded store in --data-dir.
+    #[arg(long, env = "IDEMPOTENCY_STORE")]
+    pub store: Option<String>,
+
+    /// PostgreSQL schema of the store's tables and functions; created and migrated on start.
+    /// Deployments sharing one database keep apart by using different schemas.
+    #[arg(long, env = "IDEMPOTENCY_POSTGRES_SCHEMA", default_value = "idempotency")]
+    pub postgres_schema: String,
+
+    /// PostgreSQL connections per replica (one more is used for LISTEN).
+    #[arg(long, env = "IDEMPOTENCY_POSTGRES_POOL_SIZE", default_value_t = 16)]
+    pub postgres_pool_size: usize,
+
+    /// The longest a call may spend on PostgreSQL (waiting for a connection, connecting, running
+    /// its statement) before it fails with UNAVAILABLE.
+    #[arg(long, env = "IDEMPOTENCY_POSTGRES_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub postgres_timeout: Duration,
+
+    /// Skews this process's clock by this many milliseconds (tests of clock skew between replicas).
+    #[arg(long, env = "IDEMPOTENCY_CLOCK_OFFSET_MS", default_value_t = 0, allow_hyphen_values = true, hide = true)]
+    pub clock_offset_ms: i64,
 
     /// When a reply may report a change. strict: after it is fdatasync'ed (survives kill -9 and
     /// power loss); relaxed: at once, written out within 500 ms (a crash may lose that much).
@@ -90,6 +117,37 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// What to run instead of the server.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Copy every live record of an embedded store into PostgreSQL (safe to re-run), to move a
+    /// single server to replicas on PostgreSQL. Stop the server that uses the directory first.
+    Migrate(MigrateArgs),
+}
+
+/// Where `migrate` copies from and to.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The embedded store's data directory.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The PostgreSQL store: postgres://user@host:port/database.
+    #[arg(long)]
+    pub to: String,
+    /// The PostgreSQL schema (as --postgres-schema of the servers that will use it).
+    #[arg(long, default_value = "idempotency")]
+    pub schema: String,
+}
+
+/// Where records are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// The embedded sled store in this directory.
+    Sled(PathBuf),
+    /// PostgreSQL at this URL.
+    Postgres(String),
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -132,6 +190,23 @@ impl Config {
         Ok(limits)
     }
 
+    /// The store the server runs on.
+    pub fn store_choice(&self) -> Result<StoreChoice, ConfigError> {
+        match &self.store {
+            None => Ok(StoreChoice::Sled(self.data_dir.clone())),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                if self.postgres_pool_size == 0 || self.postgres_timeout.is_zero() {
+                    return Err(ConfigError("the PostgreSQL pool size and timeout must be above zero".to_owned()));
+                }
+                Ok(StoreChoice::Postgres(url.clone()))
+            }
+            Some(other) => Err(ConfigError(format!(
+                "--store {other:?}: give a postgres://user@host:port/database URL, or leave it unset for the \
+                 embedded store in --data-dir"
+            ))),
+        }
+    }
+
     /// The configuration with every default, serving on `listen` with data in `data_dir`.
     pub fn for_tests(listen: SocketAddr, data_dir: PathBuf) -> Config {
         let mut config = Config::parse_from(["idempotency-coordinator"]);
@@ -164,6 +239,18 @@ mod tests {
         assert_eq!(config.max_wait, Duration::from_millis(1500));
         assert_eq!(config.durability, Durability::Relaxed);
         assert!(parse(&["--max-wait", "soon"]).is_err());
+    }
+
+    #[test]
+    fn the_store_is_sled_unless_a_postgres_url_is_given() {
+        assert_eq!(parse(&["--data-dir", "d"]).unwrap().store_choice().unwrap(), StoreChoice::Sled("d".into()));
+        let url = "postgres://postgres@127.0.0.1:5432/app";
+        assert_eq!(parse(&["--store", url]).unwrap().store_choice().unwrap(), StoreChoice::Postgres(url.into()));
+        assert!(parse(&["--store", "mysql://x"]).unwrap().store_choice().is_err());
+        assert!(parse(&["--store", url, "--postgres-pool-size", "0"]).unwrap().store_choice().is_err());
+        let migrate = parse(&["migrate", "--from", "data", "--to", url]).unwrap();
+        let Some(Command::Migrate(args)) = migrate.command else { panic!("a migrate command") };
+        assert_eq!((args.from, args.to, args.schema.as_str()), ("data".into(), url.to_owned(), "idempotency"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::domain::{
     Claim, ClaimOutcome, Complete, CompleteOutcome, InvalidInput, Key, KeyView, Limits, Namespace, Rejection, Release,
     Renew, RenewOutcome,
 };
-use crate::store::{Store, StoreError, SweepReport};
+use crate::store::{Store, StoreError, SweepReport, Wakeup};
 
 /// Why a coordinator call did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +105,7 @@ impl<S: Store> Coordinator<S> {
             if let Some(notified) = notified.as_mut().as_pin_mut() {
                 notified.enable();
             }
-            let outcome = self.store.claim(namespace, key, now, claim).await?;
+            let outcome = self.store.claim(namespace, key, now, claim, waiter.is_some()).await?;
             let ClaimOutcome::InProgress { lease_expires_at, .. } = &outcome else {
                 return Ok(outcome);
             };
@@ -184,6 +184,19 @@ impl<S: Store> Coordinator<S> {
         let wait_key = (namespace.clone(), key.clone());
         let notify = Arc::clone(self.waiters.lock().entry(wait_key.clone()).or_default());
         Waiter { coordinator: self, wait_key, notify }
+    }
+
+    /// Wakes the Claims waiting here for a key that changed elsewhere (another replica), or all
+    /// of them after changes may have been missed.
+    pub fn wake_for(&self, wakeup: &Wakeup) {
+        match wakeup {
+            Wakeup::Key(namespace, key) => self.wake(namespace, key),
+            Wakeup::All => {
+                for notify in self.waiters.lock().values() {
+                    notify.notify_waiters();
+                }
+            }
+        }
     }
 
     fn wake(&self, namespace: &Namespace, key: &Key) {

@@ -6,11 +6,12 @@
 //! - [`domain`]: validated values, the stored record and the pure key state machine.
 //! - [`clock`]: injected wall-clock time (system or manual).
 //! - [`config`]: command-line and environment configuration.
-//! - [`store`]: the storage trait and the sled backend with group commit.
+//! - [`store`]: the storage trait, the sled backend with group commit, the PostgreSQL backend.
 //! - [`coordinator`]: applies commands through a store; waiting, waking, draining.
 //! - [`service`]: the gRPC adapter and the error-to-status mapping.
 //! - [`sweeper`]: deletes expired records in the background.
 //! - [`server`]: wires everything and serves until told to stop.
+//! - [`migrate`]: copies an embedded store into PostgreSQL.
 //! - [`bench`]: the load generator behind `idempotency-bench` (a client; nothing above uses it).
 
 pub mod pb;
@@ -26,6 +27,8 @@ pub mod service;
 pub mod sweeper;
 
 pub mod server;
+
+pub mod migrate;
 
 pub mod bench;
 

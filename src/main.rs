@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use idempotency_coordinator::clock::Clock;
 use idempotency_coordinator::clock::SystemClock;
-use idempotency_coordinator::config::{Config, LogFormat};
+use idempotency_coordinator::config::{Command, Config, LogFormat, MigrateArgs};
 use idempotency_coordinator::server;
 use tracing_subscriber::EnvFilter;
 
@@ -22,7 +23,11 @@ async fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    match serve(config).await {
+    let result = match &config.command {
+        Some(Command::Migrate(args)) => migrate(args).await,
+        None => serve(config).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -39,6 +44,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", config.listen))?;
     server::run(listener, config, Arc::new(SystemClock), stop).await?;
+    Ok(())
+}
+
+async fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
+    let report = idempotency_coordinator::migrate::sled_to_postgres(args, SystemClock.now()).await?;
+    let import = report.import;
+    println!(
+        "copied {} records ({} new, {} replacing older copies); {} already there at the same or a later grant; \
+         {} expired left behind; fencing tokens continue above {}",
+        import.inserted + import.replaced,
+        import.inserted,
+        import.replaced,
+        import.kept,
+        report.expired,
+        import.fencing_floor
+    );
     Ok(())
 }
 

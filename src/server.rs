@@ -14,13 +14,14 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::clock::Clock;
-use crate::config::{Config, ConfigError};
+use crate::clock::{Clock, OffsetClock};
+use crate::config::{Config, ConfigError, StoreChoice};
 use crate::coordinator::Coordinator;
 use crate::pb;
 use crate::service::CoordinatorService;
-use crate::store::Store;
+use crate::store::postgres::{PostgresOpenError, PostgresOptions, PostgresStore, TimeSource};
 use crate::store::sled::{OpenError, SledOptions, SledStore};
+use crate::store::{AnyStore, Store};
 use crate::sweeper;
 
 /// The fully qualified name of the gRPC service, as health checks name it.
@@ -38,6 +39,9 @@ pub enum ServerError {
     /// The data directory could not be opened.
     #[error(transparent)]
     Open(#[from] OpenError),
+    /// The PostgreSQL store could not start.
+    #[error(transparent)]
+    Postgres(#[from] PostgresOpenError),
     /// The transport failed.
     #[error("serving failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -70,16 +74,55 @@ impl From<&Config> for ServeOptions {
     }
 }
 
-/// Opens the sled store of `config` with its limits, reading time from `clock`.
-pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<Coordinator<SledStore>>, ServerError> {
+/// Opens the store `config` chooses, reading time from `clock`: on PostgreSQL, decisions use
+/// the database's clock and `clock` only times waits, corrected by the measured offset.
+pub async fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<Coordinator<AnyStore>>, ServerError> {
+    open_with_time(config, clock, TimeSource::Database).await
+}
+
+/// As [`open`], but a PostgreSQL store reads time as `time` says (tests pass [`TimeSource::Caller`]
+/// to drive it with a manual clock).
+pub async fn open_with_time(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    time: TimeSource,
+) -> Result<Arc<Coordinator<AnyStore>>, ServerError> {
     let limits = config.limits()?;
-    let store = SledStore::open(&SledOptions {
-        path: config.data_dir.clone(),
-        durability: config.durability,
-        max_records: config.max_records,
-        cache_capacity_bytes: config.cache_mb * 1024 * 1024,
-    })?;
-    Ok(Arc::new(Coordinator::new(store, clock, limits)))
+    let clock: Arc<dyn Clock> = if config.clock_offset_ms == 0 {
+        clock
+    } else {
+        tracing::warn!(offset_ms = config.clock_offset_ms, "this process's clock is skewed on purpose");
+        Arc::new(OffsetClock::new(clock, Arc::new(config.clock_offset_ms.into())))
+    };
+    match config.store_choice()? {
+        StoreChoice::Sled(path) => {
+            let options = SledOptions {
+                path,
+                durability: config.durability,
+                max_records: config.max_records,
+                cache_capacity_bytes: config.cache_mb * 1024 * 1024,
+            };
+            let store = tokio::task::block_in_place(|| SledStore::open(&options))?;
+            Ok(Arc::new(Coordinator::new(AnyStore::Sled(store), clock, limits)))
+        }
+        StoreChoice::Postgres(url) => {
+            let options = PostgresOptions {
+                url,
+                schema: config.postgres_schema.clone(),
+                pool_size: config.postgres_pool_size,
+                timeout: config.postgres_timeout,
+                max_records: config.max_records,
+                time,
+            };
+            let offset = Arc::new(std::sync::atomic::AtomicI64::new(0));
+            let store = PostgresStore::open(&options, Arc::clone(&clock), Arc::clone(&offset)).await?;
+            let clock: Arc<dyn Clock> = match time {
+                TimeSource::Database => Arc::new(OffsetClock::new(clock, offset)),
+                TimeSource::Caller => clock,
+            };
+            Ok(Arc::new(Coordinator::new(AnyStore::Postgres(store), clock, limits)))
+        }
+    }
 }
 
 /// Opens the store of `config` and serves on `listener` until `shutdown` completes.
@@ -89,14 +132,24 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let coordinator = tokio::task::block_in_place(|| open(&config, clock))?;
-    tracing::info!(
-        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        data_dir = %config.data_dir.display(),
-        durability = ?config.durability,
-        records = coordinator.store().record_count(),
-        "serving"
-    );
+    let coordinator = open(&config, clock).await?;
+    let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    match coordinator.store() {
+        AnyStore::Sled(_) => tracing::info!(
+            listen = %listen,
+            data_dir = %config.data_dir.display(),
+            durability = ?config.durability,
+            records = coordinator.store().record_count(),
+            "serving"
+        ),
+        AnyStore::Postgres(_) => tracing::info!(
+            listen = %listen,
+            store = "postgres",
+            schema = %config.postgres_schema,
+            records = coordinator.store().record_count(),
+            "serving"
+        ),
+    }
     serve(listener, coordinator, ServeOptions::from(&config), shutdown).await
 }
 
@@ -114,6 +167,21 @@ pub async fn serve<S: Store>(
         tokio::spawn(follow_store_health(coordinator.store().health(), reporter.clone(), stop_background.clone()));
     let sweeper =
         sweeper::spawn(Arc::clone(&coordinator), options.sweep_interval, options.sweep_batch, stop_background.clone());
+    let wakeups = coordinator.store().wakeups().map(|mut wakeups| {
+        let coordinator = Arc::clone(&coordinator);
+        let stop = stop_background.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    wakeup = wakeups.recv() => match wakeup {
+                        Some(wakeup) => coordinator.wake_for(&wakeup),
+                        None => return,
+                    },
+                }
+            }
+        })
+    });
 
     // The error-details descriptors let reflection clients (grpcurl) decode ErrorInfo.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -171,6 +239,9 @@ pub async fn serve<S: Store>(
     coordinator.drain();
     let _ = health_watch.await;
     let _ = sweeper.await;
+    if let Some(wakeups) = wakeups {
+        let _ = wakeups.await;
+    }
     let closed = coordinator.store().close().await.map_err(|error| ServerError::Close(error.to_string()));
     tracing::info!("stopped");
     served?;

@@ -1,6 +1,8 @@
-//! The coordinator's contract, through real gRPC channels against the sled store, with a manual
-//! clock: claims, completion and replay, leases and takeover, waiting, retries, expiry, limits
-//! and input validation.
+//! The coordinator's contract, through real gRPC channels with a manual clock: claims,
+//! completion and replay, leases and takeover, waiting, retries, expiry, limits and input
+//! validation. This is the conformance suite: every test runs once per store (`sled::…` and
+//! `postgres::…`), so the embedded store and the SQL reimplementation of the state machine
+//! cannot drift apart. The PostgreSQL half needs IDEMPOTENCY_TEST_POSTGRES (CI sets it).
 
 mod common;
 
@@ -13,9 +15,8 @@ use idempotency_coordinator::pb::claim_response::Outcome;
 use idempotency_coordinator::store::Store;
 use tonic::Code;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_claims_of_one_key_yield_exactly_one_acquired() {
-    let server = TestServer::start().await;
+async fn concurrent_claims_of_one_key_yield_exactly_one_acquired(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut channels = Vec::new();
     for _ in 0..8 {
         channels.push(server.channel().await);
@@ -40,9 +41,8 @@ async fn concurrent_claims_of_one_key_yield_exactly_one_acquired() {
     assert_eq!((acquired, in_progress), (1, 63));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_completed_key_replays_the_stored_response_byte_for_byte() {
-    let server = TestServer::start().await;
+async fn a_completed_key_replays_the_stored_response_byte_for_byte(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "pay-1").await;
     assert_eq!((grant.attempt, grant.takeover), (1, false));
@@ -67,9 +67,8 @@ async fn a_completed_key_replays_the_stored_response_byte_for_byte() {
     assert_eq!(replay.response, Some(stored));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lapsed_lease_is_taken_over_and_the_stale_holder_is_fenced_off() {
-    let server = TestServer::start().await;
+async fn a_lapsed_lease_is_taken_over_and_the_stale_holder_is_fenced_off(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let first = claim_acquired(&mut client, "pay-2").await;
     server.advance(Duration::from_millis(9_999));
@@ -81,14 +80,14 @@ async fn a_lapsed_lease_is_taken_over_and_the_stale_holder_is_fenced_off() {
     assert!(second.fencing_token > first.fencing_token);
     assert_ne!(second.lease_token, first.lease_token);
 
-    let before = server.digest();
+    let before = server.digest().await;
     let status = client.complete(complete_request("pay-2", &first.lease_token, b"late")).await.unwrap_err();
     assert_status(&status, Code::Aborted, "LEASE_LOST");
     let status = client.renew(renew_request("pay-2", &first.lease_token, secs(10))).await.unwrap_err();
     assert_status(&status, Code::Aborted, "LEASE_LOST");
     let status = client.release(release_request("pay-2", &first.lease_token)).await.unwrap_err();
     assert_status(&status, Code::Aborted, "LEASE_LOST");
-    assert_eq!(server.digest(), before, "stale calls changed the store");
+    assert_eq!(server.digest().await, before, "stale calls changed the store");
 
     client.complete(complete_request("pay-2", &second.lease_token, b"ok")).await.unwrap();
     let status = client.complete(complete_request("pay-2", &first.lease_token, b"late")).await.unwrap_err();
@@ -98,19 +97,18 @@ async fn a_lapsed_lease_is_taken_over_and_the_stale_holder_is_fenced_off() {
     assert_eq!(replay.fencing_token, second.fencing_token);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reused_key_with_another_fingerprint_is_refused_in_every_state() {
-    let server = TestServer::start().await;
+async fn a_reused_key_with_another_fingerprint_is_refused_in_every_state(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let checker = client.clone();
     let check_mismatch = |state: &'static str| {
         let server = &server;
         let mut client = checker.clone();
         async move {
-            let before = server.digest();
+            let before = server.digest().await;
             let status = client.claim(claim_request("pay-3", b"other")).await.unwrap_err();
             assert_status(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
-            assert_eq!(server.digest(), before, "a mismatch changed the store while {state}");
+            assert_eq!(server.digest().await, before, "a mismatch changed the store while {state}");
         }
     };
     let grant = claim_acquired(&mut client, "pay-3").await;
@@ -145,9 +143,8 @@ fn waiting_claim(key: &str, wait: prost_types::Duration) -> pb::ClaimRequest {
     pb::ClaimRequest { wait: Some(wait), ..claim_request(key, b"fp") }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiting_claim_is_woken_by_complete() {
-    let server = TestServer::start().await;
+async fn a_waiting_claim_is_woken_by_complete(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "pay-4").await;
     let mut waiter_client = client.clone();
@@ -159,10 +156,9 @@ async fn a_waiting_claim_is_woken_by_complete() {
     assert_eq!(server.coordinator().waiting_keys(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retried_complete_wakes_waiters_the_first_one_missed() {
+async fn a_retried_complete_wakes_waiters_the_first_one_missed(backend: Backend) {
     use idempotency_coordinator::domain::{Complete, Key, LeaseToken, Namespace, Response};
-    let server = TestServer::start().await;
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "pay-4b").await;
     let mut waiter_client = client.clone();
@@ -182,9 +178,8 @@ async fn a_retried_complete_wakes_waiters_the_first_one_missed() {
     assert_eq!(replay.response.unwrap().body, b"stored");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiting_claim_is_woken_by_release_and_acquires() {
-    let server = TestServer::start().await;
+async fn a_waiting_claim_is_woken_by_release_and_acquires(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "pay-5").await;
     let mut waiter_client = client.clone();
@@ -196,9 +191,8 @@ async fn a_waiting_claim_is_woken_by_release_and_acquires() {
     assert!(next.fencing_token > grant.fencing_token);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiting_claim_takes_over_when_the_lease_lapses() {
-    let server = TestServer::start().await;
+async fn a_waiting_claim_takes_over_when_the_lease_lapses(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "pay-6").await;
     let mut waiter_client = client.clone();
@@ -210,9 +204,8 @@ async fn a_waiting_claim_takes_over_when_the_lease_lapses() {
     assert!(next.fencing_token > grant.fencing_token);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiting_claim_answers_in_progress_when_its_wait_ends() {
-    let server = TestServer::start().await;
+async fn a_waiting_claim_answers_in_progress_when_its_wait_ends(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     claim_acquired(&mut client, "pay-7").await;
     let mut waiter_client = client.clone();
@@ -223,9 +216,8 @@ async fn a_waiting_claim_answers_in_progress_when_its_wait_ends() {
     assert_eq!(busy.attempt, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wait_ends_within_the_call_deadline() {
-    let server = TestServer::start().await;
+async fn a_wait_ends_within_the_call_deadline(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     claim_acquired(&mut client, "pay-8").await;
     // The manual clock never moves here: only the call's own deadline can end the wait.
@@ -236,12 +228,11 @@ async fn a_wait_ends_within_the_call_deadline() {
     assert_eq!(server.coordinator().waiting_keys(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_wait_leaves_nothing_behind() {
-    let server = TestServer::start().await;
+async fn a_cancelled_wait_leaves_nothing_behind(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     claim_acquired(&mut client, "pay-9").await;
-    let before = server.digest();
+    let before = server.digest().await;
     let mut waiter_client = client.clone();
     let waiter = tokio::spawn(async move { waiter_client.claim(waiting_claim("pay-9", secs(60))).await });
     until_waiting(&server, 1).await;
@@ -253,12 +244,11 @@ async fn a_cancelled_wait_leaves_nothing_behind() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(server.coordinator().waiting_keys(), 0);
-    assert_eq!(server.digest(), before);
+    assert_eq!(server.digest().await, before);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_retried_with_its_request_id_gets_the_same_lease() {
-    let server = TestServer::start().await;
+async fn a_claim_retried_with_its_request_id_gets_the_same_lease(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let request =
         pb::ClaimRequest { request_id: "req-77".into(), owner: "pod-a".into(), ..claim_request("pay-10", b"fp") };
@@ -276,29 +266,27 @@ async fn a_claim_retried_with_its_request_id_gets_the_same_lease() {
     completed(client.claim(request).await.unwrap().into_inner());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retried_complete_returns_the_original_result_and_keeps_the_response() {
-    let server = TestServer::start().await;
+async fn a_retried_complete_returns_the_original_result_and_keeps_the_response(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "pay-11").await;
     let first =
         client.complete(complete_request("pay-11", &grant.lease_token, b"original")).await.unwrap().into_inner();
     server.advance(Duration::from_secs(2));
-    let before = server.digest();
+    let before = server.digest().await;
     let again = client.complete(complete_request("pay-11", &grant.lease_token, b"changed")).await.unwrap().into_inner();
     assert!(again.already_completed);
     assert_eq!(
         (again.completed_at, again.expires_at, again.fencing_token),
         (first.completed_at, first.expires_at, first.fencing_token)
     );
-    assert_eq!(server.digest(), before);
+    assert_eq!(server.digest().await, before);
     let view = client.lookup(lookup_request("pay-11")).await.unwrap().into_inner();
     assert_eq!(view.response.unwrap().body, b"original");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn complete_and_renew_work_after_the_lease_lapsed_until_a_takeover() {
-    let server = TestServer::start().await;
+async fn complete_and_renew_work_after_the_lease_lapsed_until_a_takeover(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "pay-12").await;
     server.advance(Duration::from_secs(20));
@@ -312,9 +300,8 @@ async fn complete_and_renew_work_after_the_lease_lapsed_until_a_takeover() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renew_extends_the_lease() {
-    let server = TestServer::start().await;
+async fn renew_extends_the_lease(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "pay-13").await;
     server.advance(Duration::from_secs(8));
@@ -335,9 +322,8 @@ async fn renew_extends_the_lease() {
     assert_status(&status, Code::Aborted, "LEASE_LOST");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn release_makes_the_key_claimable_at_once() {
-    let server = TestServer::start().await;
+async fn release_makes_the_key_claimable_at_once(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "pay-14").await;
     let status = client.release(release_request("pay-14", &uuid::Uuid::new_v4().to_string())).await.unwrap_err();
@@ -357,9 +343,8 @@ async fn release_makes_the_key_claimable_at_once() {
     client.release(release_request("never-claimed", &next.lease_token)).await.expect("releasing an absent key is fine");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lookup_reports_every_state() {
-    let server = TestServer::start().await;
+async fn lookup_reports_every_state(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let status = client.lookup(lookup_request("pay-15")).await.unwrap_err();
     assert_status(&status, Code::NotFound, "KEY_NOT_FOUND");
@@ -382,9 +367,8 @@ async fn lookup_reports_every_state() {
     assert_eq!(view.expires_at.unwrap().seconds, START.unix_millis() / 1000 + 10 + 3600);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_records_are_absent_at_once_and_swept_later() {
-    let server = TestServer::start().await;
+async fn expired_records_are_absent_at_once_and_swept_later(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "pay-16").await;
     let mut request = complete_request("pay-16", &grant.lease_token, b"short-lived");
@@ -396,10 +380,10 @@ async fn expired_records_are_absent_at_once_and_swept_later() {
     server.advance(Duration::from_millis(1));
     let status = client.lookup(lookup_request("pay-16")).await.unwrap_err();
     assert_status(&status, Code::NotFound, "KEY_NOT_FOUND");
-    assert_eq!(server.coordinator().store().record_count(), 1, "not swept yet");
+    assert_eq!(server.record_count().await, 1, "not swept yet");
     let report = server.sweep().await;
     assert_eq!(report.deleted, 1);
-    assert_eq!(server.coordinator().store().record_count(), 0);
+    assert_eq!(server.record_count().await, 0);
     assert_eq!(server.sweep().await.scanned, 0, "nothing is left to scan");
     // The key is new again, bound to nothing, and its fencing token still goes up.
     let again = acquired(client.claim(claim_request("pay-16", b"another request")).await.unwrap().into_inner());
@@ -407,9 +391,8 @@ async fn expired_records_are_absent_at_once_and_swept_later() {
     assert!(again.fencing_token > grant.fencing_token);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_never_expires_while_its_lease_is_valid() {
-    let server = TestServer::start().await;
+async fn a_record_never_expires_while_its_lease_is_valid(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let request =
         pb::ClaimRequest { lease_ttl: Some(secs(60)), retention: Some(secs(1)), ..claim_request("pay-17", b"fp") };
@@ -423,9 +406,8 @@ async fn a_record_never_expires_while_its_lease_is_valid() {
     assert_eq!(server.sweep().await.deleted, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sweeping_deletes_only_what_expired_in_batches() {
-    let server = TestServer::start().await;
+async fn sweeping_deletes_only_what_expired_in_batches(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     for i in 0..250 {
         let retention = if i % 2 == 0 { secs(10) } else { secs(1000) };
@@ -438,20 +420,19 @@ async fn sweeping_deletes_only_what_expired_in_batches() {
     assert_eq!((report.deleted, report.more), (100, true));
     let rest = server.sweep().await;
     assert_eq!(rest.deleted, 25);
-    assert_eq!(server.coordinator().store().record_count(), 125);
+    assert_eq!(server.record_count().await, 125);
     completed(client.claim(claim_request("batch-1", b"")).await.unwrap().into_inner());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_store_refuses_new_keys_and_serves_existing_ones() {
-    let server = TestServer::start_with(|config| config.max_records = 2).await;
+async fn a_full_store_refuses_new_keys_and_serves_existing_ones(backend: Backend) {
+    let server = TestServer::start_on_with(backend, |config| config.max_records = 2).await;
     let mut client = server.client().await;
     let a = claim_acquired(&mut client, "a").await;
     let b = claim_acquired(&mut client, "b").await;
-    let before = server.digest();
+    let before = server.digest().await;
     let status = client.claim(claim_request("c", b"fp")).await.unwrap_err();
     assert_status(&status, Code::ResourceExhausted, "STORE_FULL");
-    assert_eq!(server.digest(), before);
+    assert_eq!(server.digest().await, before);
     let mut request = complete_request("a", &a.lease_token, b"x");
     request.retention = Some(secs(1));
     client.complete(request).await.unwrap();
@@ -463,9 +444,8 @@ async fn a_full_store_refuses_new_keys_and_serves_existing_ones() {
     claim_acquired(&mut client, "c").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_store_makes_room_from_expired_records_without_waiting_for_the_sweeper() {
-    let server = TestServer::start_with(|config| config.max_records = 1).await;
+async fn a_full_store_makes_room_from_expired_records_without_waiting_for_the_sweeper(backend: Backend) {
+    let server = TestServer::start_on_with(backend, |config| config.max_records = 1).await;
     let mut client = server.client().await;
     let request = pb::ClaimRequest { lease_ttl: Some(secs(1)), retention: Some(secs(1)), ..claim_request("old", b"") };
     acquired(client.claim(request).await.unwrap().into_inner());
@@ -473,12 +453,11 @@ async fn a_full_store_makes_room_from_expired_records_without_waiting_for_the_sw
     assert_status(&status, Code::ResourceExhausted, "STORE_FULL");
     server.advance(Duration::from_secs(1));
     claim_acquired(&mut client, "new").await;
-    assert_eq!(server.coordinator().store().record_count(), 1);
+    assert_eq!(server.record_count().await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn namespaces_keep_keys_apart_and_empty_means_default() {
-    let server = TestServer::start().await;
+async fn namespaces_keep_keys_apart_and_empty_means_default(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let in_payments = claim_acquired(&mut client, "shared").await;
     let users = pb::ClaimRequest { namespace: "users".into(), ..claim_request("shared", b"other") };
@@ -490,9 +469,8 @@ async fn namespaces_keep_keys_apart_and_empty_means_default() {
     in_progress(client.claim(default).await.unwrap().into_inner());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fencing_tokens_strictly_increase_across_takeovers_releases_and_sweeps() {
-    let server = TestServer::start().await;
+async fn fencing_tokens_strictly_increase_across_takeovers_releases_and_sweeps(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let mut last = 0;
     for round in 0..30 {
@@ -516,13 +494,12 @@ async fn fencing_tokens_strictly_increase_across_takeovers_releases_and_sweeps()
 }
 
 /// Every invalid input, per RPC: its status and reason, and the store untouched.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_input_is_refused_with_its_reason_and_changes_nothing() {
-    let server = TestServer::start().await;
+async fn invalid_input_is_refused_with_its_reason_and_changes_nothing(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "valid").await;
     let token = grant.lease_token.clone();
-    let before = server.digest();
+    let before = server.digest().await;
     let good = claim_request("fresh", b"fp");
     let claims: Vec<(pb::ClaimRequest, &str)> = vec![
         (pb::ClaimRequest { key: String::new(), ..good.clone() }, "INVALID_KEY"),
@@ -569,7 +546,7 @@ async fn invalid_input_is_refused_with_its_reason_and_changes_nothing() {
     let status =
         client.lookup(pb::LookupRequest { namespace: "bad ns".into(), key: "valid".into() }).await.unwrap_err();
     assert_status(&status, Code::InvalidArgument, "INVALID_NAMESPACE");
-    assert_eq!(server.digest(), before, "an invalid call changed the store");
+    assert_eq!(server.digest().await, before, "an invalid call changed the store");
 
     // ErrorInfo names the field and the limit.
     let status = client.claim(pb::ClaimRequest { fingerprint: vec![1; 65], ..good }).await.unwrap_err();
@@ -582,16 +559,70 @@ async fn invalid_input_is_refused_with_its_reason_and_changes_nothing() {
     client.complete(at_limit).await.expect("a response at the limit is stored");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_beyond_the_transport_limit_is_refused_and_changes_nothing() {
-    let server = TestServer::start_with(|config| config.max_response_bytes = 1024).await;
+async fn a_message_beyond_the_transport_limit_is_refused_and_changes_nothing(backend: Backend) {
+    let server = TestServer::start_on_with(backend, |config| config.max_response_bytes = 1024).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "big").await;
-    let before = server.digest();
+    let before = server.digest().await;
     let status = client.complete(complete_request("big", &grant.lease_token, &vec![0; 200 * 1024])).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
-    assert_eq!(server.digest(), before);
+    assert_eq!(server.digest().await, before);
     let status = client.complete(complete_request("big", &grant.lease_token, &[0; 1025])).await.unwrap_err();
     assert_status(&status, Code::InvalidArgument, "RESPONSE_TOO_LARGE");
     client.complete(complete_request("big", &grant.lease_token, &[0; 100])).await.expect("still serving");
 }
+
+/// Runs every listed contract test against each store.
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod sled {
+            use super::common::Backend;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(Backend::Sled).await;
+                }
+            )*
+        }
+        mod postgres {
+            use super::common::Backend;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    if let Some(backend) = Backend::postgres() {
+                        super::$test(backend).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    concurrent_claims_of_one_key_yield_exactly_one_acquired,
+    a_completed_key_replays_the_stored_response_byte_for_byte,
+    a_lapsed_lease_is_taken_over_and_the_stale_holder_is_fenced_off,
+    a_reused_key_with_another_fingerprint_is_refused_in_every_state,
+    a_waiting_claim_is_woken_by_complete,
+    a_retried_complete_wakes_waiters_the_first_one_missed,
+    a_waiting_claim_is_woken_by_release_and_acquires,
+    a_waiting_claim_takes_over_when_the_lease_lapses,
+    a_waiting_claim_answers_in_progress_when_its_wait_ends,
+    a_wait_ends_within_the_call_deadline,
+    a_cancelled_wait_leaves_nothing_behind,
+    a_claim_retried_with_its_request_id_gets_the_same_lease,
+    a_retried_complete_returns_the_original_result_and_keeps_the_response,
+    complete_and_renew_work_after_the_lease_lapsed_until_a_takeover,
+    renew_extends_the_lease,
+    release_makes_the_key_claimable_at_once,
+    lookup_reports_every_state,
+    expired_records_are_absent_at_once_and_swept_later,
+    a_record_never_expires_while_its_lease_is_valid,
+    sweeping_deletes_only_what_expired_in_batches,
+    a_full_store_refuses_new_keys_and_serves_existing_ones,
+    a_full_store_makes_room_from_expired_records_without_waiting_for_the_sweeper,
+    namespaces_keep_keys_apart_and_empty_means_default,
+    fencing_tokens_strictly_increase_across_takeovers_releases_and_sweeps,
+    invalid_input_is_refused_with_its_reason_and_changes_nothing,
+    a_message_beyond_the_transport_limit_is_refused_and_changes_nothing,
+);

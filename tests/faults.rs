@@ -724,7 +724,7 @@ mod model {
                         owner: Owner::parse("").unwrap(),
                         new_lease_token: LeaseToken::generate(),
                     };
-                    match store.claim(&namespace, &key_of(key), at, &command).await {
+                    match store.claim(&namespace, &key_of(key), at, &command, false).await {
                         Ok(ClaimOutcome::Acquired(grant)) => {
                             let previous = self.fencing.insert(key, grant.fencing_token.0).unwrap_or(0);
                             let same_as = self.tokens.iter().position(|t| *t == grant.lease_token);
@@ -927,7 +927,7 @@ async fn hostile_frames_get_a_status_and_change_nothing() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     claim_acquired(&mut client, "existing").await;
-    let before = server.digest();
+    let before = server.digest().await;
     let claim = "/idempotency.v1.Coordinator/Claim";
     let cases: Vec<(&str, Vec<u8>, Option<&str>, i32)> = vec![
         // Not protobuf at all: the transport's decode error, INTERNAL (gRPC's code for it).
@@ -950,7 +950,7 @@ async fn hostile_frames_get_a_status_and_change_nothing() {
         let status = raw_call(server.addr, claim, bytes, encoding).await;
         assert_eq!(status, expected, "{name}");
     }
-    assert_eq!(server.digest(), before, "hostile frames changed the store");
+    assert_eq!(server.digest().await, before, "hostile frames changed the store");
 
     // Unknown fields are skipped, as protobuf requires: the call works.
     let mut payload = lookup_request("existing").encode_to_vec();

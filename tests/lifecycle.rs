@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 use idempotency_coordinator::pb;
-use idempotency_coordinator::store::Store;
 use idempotency_coordinator::store::sled::{Durability, SledOptions, SledStore};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -47,7 +46,7 @@ async fn a_restart_keeps_every_acknowledged_state_and_fencing_keeps_increasing()
     assert!(again.fencing_token > highest);
     let fresh = claim_acquired(&mut client, "fresh").await;
     assert!(fresh.fencing_token > again.fencing_token);
-    assert_eq!(server.coordinator().store().record_count(), 5);
+    assert_eq!(server.record_count().await, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -213,6 +213,16 @@ impl LeaseToken {
         Uuid::try_parse(raw).map(LeaseToken).map_err(|_| InvalidInput::LeaseToken)
     }
 
+    /// The token as a UUID, for storage.
+    pub fn as_uuid(self) -> Uuid {
+        self.0
+    }
+
+    /// A token read back from storage.
+    pub fn from_uuid(uuid: Uuid) -> Self {
+        LeaseToken(uuid)
+    }
+
     /// The token as the client must send it back.
     pub fn to_text(self) -> String {
         self.0.hyphenated().to_string()
@@ -266,6 +276,11 @@ impl RequestId {
         parse_short_text(raw)
             .map(|text| Some(RequestId(text)))
             .ok_or(InvalidInput::RequestId { max: SHORT_TEXT_MAX_BYTES })
+    }
+
+    /// The request id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 

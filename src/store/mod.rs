@@ -5,11 +5,12 @@
 //! record count limit, the expiry index and its sweeping.
 
 pub mod group_commit;
+pub mod postgres;
 pub mod sled;
 
 use std::future::Future;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::domain::{
     Claim, ClaimOutcome, Complete, CompleteOutcome, Key, KeyView, Namespace, Rejection, Release, Renew, RenewOutcome,
@@ -36,6 +37,15 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// A change that Claims waiting on this process must look at again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wakeup {
+    /// The key was completed, released or renewed.
+    Key(Namespace, Key),
+    /// Changes may have been missed (a reconnect): every waiter looks again.
+    All,
+}
+
 /// What one sweep pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -55,13 +65,16 @@ pub struct SweepReport {
 /// caller and passed in.
 pub trait Store: Send + Sync + 'static {
     /// Applies [`crate::domain::machine::claim`], drawing a fresh fencing token for a grant.
-    /// Fails with [`StoreError::Full`] when it would add a record past the limit.
+    /// Fails with [`StoreError::Full`] when it would add a record past the limit. `waiting`
+    /// says the caller will wait for the key if it is in progress, so a store shared by several
+    /// processes arranges to report the key's next change through [`Store::wakeups`].
     fn claim(
         &self,
         namespace: &Namespace,
         key: &Key,
         now: Timestamp,
         command: &Claim,
+        waiting: bool,
     ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send;
 
     /// Applies [`crate::domain::machine::complete`].
@@ -109,6 +122,135 @@ pub trait Store: Send + Sync + 'static {
     /// `true` while the store can make changes durable; `false` while it fails to.
     fn health(&self) -> watch::Receiver<bool>;
 
+    /// Changes made by other processes sharing the store that waiting Claims must hear of; `None`
+    /// for a store no other process writes. Taken once, by the coordinator's owner.
+    fn wakeups(&self) -> Option<mpsc::UnboundedReceiver<Wakeup>> {
+        None
+    }
+
     /// Makes everything written so far durable and stops background work. Calls after it fail.
     fn close(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The store a server runs on, chosen by its configuration.
+pub enum AnyStore {
+    /// The embedded sled store.
+    Sled(sled::SledStore),
+    /// The PostgreSQL store shared by replicas.
+    Postgres(postgres::PostgresStore),
+}
+
+impl AnyStore {
+    /// The number of records, counted now (for PostgreSQL, `record_count` may lag a second).
+    pub async fn counted_records(&self) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Sled(store) => Ok(store.record_count()),
+            AnyStore::Postgres(store) => store.counted_records().await,
+        }
+    }
+
+    /// A digest of every stored record, to show that a call changed nothing (tests, diagnostics).
+    pub async fn contents_digest(&self) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.contents_digest(),
+            AnyStore::Postgres(store) => store.contents_digest().await,
+        }
+    }
+}
+
+impl Store for AnyStore {
+    async fn claim(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Claim,
+        waiting: bool,
+    ) -> Result<ClaimOutcome, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.claim(namespace, key, now, command, waiting).await,
+            AnyStore::Postgres(store) => store.claim(namespace, key, now, command, waiting).await,
+        }
+    }
+
+    async fn complete(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: Complete,
+    ) -> Result<CompleteOutcome, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.complete(namespace, key, now, command).await,
+            AnyStore::Postgres(store) => store.complete(namespace, key, now, command).await,
+        }
+    }
+
+    async fn renew(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Renew,
+    ) -> Result<RenewOutcome, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.renew(namespace, key, now, command).await,
+            AnyStore::Postgres(store) => store.renew(namespace, key, now, command).await,
+        }
+    }
+
+    async fn release(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Release,
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.release(namespace, key, now, command).await,
+            AnyStore::Postgres(store) => store.release(namespace, key, now, command).await,
+        }
+    }
+
+    async fn lookup(&self, namespace: &Namespace, key: &Key, now: Timestamp) -> Result<KeyView, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.lookup(namespace, key, now).await,
+            AnyStore::Postgres(store) => store.lookup(namespace, key, now).await,
+        }
+    }
+
+    async fn sweep(&self, now: Timestamp, batch: usize) -> Result<SweepReport, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.sweep(now, batch).await,
+            AnyStore::Postgres(store) => store.sweep(now, batch).await,
+        }
+    }
+
+    fn record_count(&self) -> u64 {
+        match self {
+            AnyStore::Sled(store) => store.record_count(),
+            AnyStore::Postgres(store) => store.record_count(),
+        }
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        match self {
+            AnyStore::Sled(store) => store.health(),
+            AnyStore::Postgres(store) => store.health(),
+        }
+    }
+
+    fn wakeups(&self) -> Option<mpsc::UnboundedReceiver<Wakeup>> {
+        match self {
+            AnyStore::Sled(store) => store.wakeups(),
+            AnyStore::Postgres(store) => store.wakeups(),
+        }
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.close().await,
+            AnyStore::Postgres(store) => store.close().await,
+        }
+    }
 }

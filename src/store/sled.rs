@@ -184,6 +184,20 @@ impl SledStore {
         })
     }
 
+    /// Every stored record with its namespace and key (expired ones not yet swept included), and
+    /// the fencing token below which this store may have handed out tokens: what `migrate`
+    /// copies to PostgreSQL.
+    pub fn export(&self) -> (impl Iterator<Item = Result<(Namespace, Key, Record), StoreError>> + '_, u64) {
+        let records = self.inner.db.scan_prefix([RECORD_PREFIX]).map(|entry| {
+            let (stored_key, value) = entry.map_err(unavailable)?;
+            let (namespace, key) = parse_record_key(&stored_key)
+                .ok_or_else(|| StoreError::Corrupt("a record key of unknown layout".to_owned()))?;
+            let record = Record::decode(&value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok((namespace, key, record))
+        });
+        (records, self.inner.fencing.lock().reserved)
+    }
+
     /// A digest of every stored byte (records, index and metadata), to show that a call
     /// changed nothing. Reads the whole store: for tests and diagnostics, not for the hot path.
     pub fn contents_digest(&self) -> Result<u64, StoreError> {
@@ -383,6 +397,7 @@ impl Store for SledStore {
         key: &Key,
         now: Timestamp,
         command: &Claim,
+        _waiting: bool,
     ) -> Result<ClaimOutcome, StoreError> {
         self.update(namespace, key, now, |inner, current| {
             let mut drawn = Ok(FencingToken(0));
@@ -482,6 +497,19 @@ fn record_key(namespace: &Namespace, key: &Key) -> Vec<u8> {
     bytes.extend_from_slice(namespace);
     bytes.extend_from_slice(key.as_str().as_bytes());
     bytes
+}
+
+/// Reads a key written by [`record_key`].
+fn parse_record_key(bytes: &[u8]) -> Option<(Namespace, Key)> {
+    let (&prefix, rest) = bytes.split_first()?;
+    let (&length, rest) = rest.split_first()?;
+    if prefix != RECORD_PREFIX || rest.len() < usize::from(length) {
+        return None;
+    }
+    let (namespace, key) = rest.split_at(usize::from(length));
+    let namespace = Namespace::parse(std::str::from_utf8(namespace).ok()?).ok()?;
+    let key = Key::parse(std::str::from_utf8(key).ok()?).ok()?;
+    Some((namespace, key))
 }
 
 /// The index files a record under its expiry rounded up to the whole second. A Claim and its

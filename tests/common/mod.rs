@@ -16,8 +16,9 @@ use idempotency_coordinator::domain::Timestamp;
 use idempotency_coordinator::pb;
 use idempotency_coordinator::pb::coordinator_client::CoordinatorClient;
 use idempotency_coordinator::server::{self, ServeOptions, ServerError};
-use idempotency_coordinator::store::SweepReport;
-use idempotency_coordinator::{Config, Coordinator, SledStore};
+use idempotency_coordinator::store::postgres::TimeSource;
+use idempotency_coordinator::store::{AnyStore, SweepReport};
+use idempotency_coordinator::{Config, Coordinator};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -28,11 +29,68 @@ use tonic_types::StatusExt;
 /// 2026-01-01T00:00:00Z: tests start here and move the clock by hand.
 pub const START: Timestamp = Timestamp::from_unix_millis(1_767_225_600_000);
 
+/// Where a test's records live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded store in a temporary directory.
+    Sled,
+    /// The PostgreSQL test database, in a schema of the test's own.
+    Postgres(String),
+}
+
+/// The variable that names the PostgreSQL database the tests may use (CI sets it).
+pub const POSTGRES_ENV: &str = "IDEMPOTENCY_TEST_POSTGRES";
+
+impl Backend {
+    /// The PostgreSQL backend, or `None` (after saying why) when no test database is configured.
+    /// In CI a missing database is a failure, never a skip.
+    pub fn postgres() -> Option<Backend> {
+        match std::env::var(POSTGRES_ENV) {
+            Ok(url) if !url.is_empty() => Some(Backend::Postgres(url)),
+            _ => {
+                assert!(std::env::var_os("CI").is_none(), "CI must set {POSTGRES_ENV} (see .ci/run)");
+                eprintln!("skipped: PostgreSQL tests need {POSTGRES_ENV}=postgres://user@host:port/database");
+                None
+            }
+        }
+    }
+}
+
+/// A fresh schema name for one test's PostgreSQL store. Schemas left by earlier test processes
+/// (named after their pid) are dropped by [`drop_stale_schemas`].
+pub fn test_schema() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("test_{}_{n}", std::process::id())
+}
+
+/// Drops the test schemas of processes that no longer run, once per process.
+pub async fn drop_stale_schemas(url: &str) {
+    static ONCE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    ONCE.get_or_init(|| async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("PostgreSQL");
+        tokio::spawn(connection);
+        let rows = client
+            .query("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'test\\_%'", &[])
+            .await
+            .expect("schemas listed");
+        for row in rows {
+            let name: String = row.get(0);
+            let pid = name.split('_').nth(1).unwrap_or("");
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await;
+            }
+        }
+    })
+    .await;
+}
+
 pub struct TestServer {
     pub clock: ManualClock,
     pub config: Config,
     pub addr: SocketAddr,
-    coordinator: Option<Arc<Coordinator<SledStore>>>,
+    pub backend: Backend,
+    coordinator: Option<Arc<Coordinator<AnyStore>>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
     _dir: TempDir,
@@ -43,16 +101,32 @@ impl TestServer {
         Self::start_with(|_| {}).await
     }
 
-    /// Starts with the default configuration changed by `configure`.
+    /// Starts on the sled store with the default configuration changed by `configure`.
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
+        Self::start_on_with(Backend::Sled, configure).await
+    }
+
+    /// Starts on `backend` with the default configuration.
+    pub async fn start_on(backend: Backend) -> TestServer {
+        Self::start_on_with(backend, |_| {}).await
+    }
+
+    /// Starts on `backend` with the default configuration changed by `configure`.
+    pub async fn start_on_with(backend: Backend, configure: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let mut config = Config::for_tests("127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
         // The sweeper is driven by hand in tests, through `sweep`.
         config.sweep_interval = Duration::from_secs(3600);
+        if let Backend::Postgres(url) = &backend {
+            drop_stale_schemas(url).await;
+            config.store = Some(url.clone());
+            config.postgres_schema = test_schema();
+        }
         configure(&mut config);
         let mut server = TestServer {
             clock: ManualClock::new(START),
             config,
+            backend,
             addr: "127.0.0.1:0".parse().unwrap(),
             coordinator: None,
             stop: None,
@@ -70,7 +144,7 @@ impl TestServer {
         // longer than the last handle; a lock held by another process would fail every retry.
         let give_up = std::time::Instant::now() + Duration::from_secs(5);
         let coordinator = loop {
-            match server::open(&self.config, Arc::new(self.clock.clone())) {
+            match server::open_with_time(&self.config, Arc::new(self.clock.clone()), TimeSource::Caller).await {
                 Ok(coordinator) => break coordinator,
                 Err(error)
                     if std::time::Instant::now() < give_up && error.to_string().contains("could not acquire lock") =>
@@ -93,7 +167,7 @@ impl TestServer {
         &self.config.data_dir
     }
 
-    pub fn coordinator(&self) -> &Coordinator<SledStore> {
+    pub fn coordinator(&self) -> &Coordinator<AnyStore> {
         self.coordinator.as_ref().expect("the server runs")
     }
 
@@ -135,8 +209,13 @@ impl TestServer {
         }
     }
 
-    pub fn digest(&self) -> u64 {
-        self.coordinator().store().contents_digest().expect("the store reads")
+    pub async fn digest(&self) -> u64 {
+        self.coordinator().store().contents_digest().await.expect("the store reads")
+    }
+
+    /// The number of stored records, counted now.
+    pub async fn record_count(&self) -> u64 {
+        self.coordinator().store().counted_records().await.expect("the store counts")
     }
 
     pub fn advance(&self, by: Duration) {

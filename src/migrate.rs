@@ -1,0 +1,57 @@
+//! `idempotency-coordinator migrate`: copies an embedded store's live records into PostgreSQL,
+//! the step from one server to replicas on PostgreSQL.
+//!
+//! Safe to re-run: a key PostgreSQL already holds at the same or a later grant is left alone, so
+//! a second run copies nothing new and never undoes what replicas did since. Fencing tokens keep
+//! increasing: the sequence is set above every token the embedded store may have handed out.
+
+use std::cell::Cell;
+
+use anyhow::Context;
+
+use crate::config::MigrateArgs;
+use crate::domain::Timestamp;
+use crate::store::postgres::{self, ImportReport, PostgresOptions, TimeSource};
+use crate::store::sled::{Durability, SledOptions, SledStore};
+
+/// What a migration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrateReport {
+    /// What the import did with the live records.
+    pub import: ImportReport,
+    /// Records left behind because their retention had ended.
+    pub expired: u64,
+}
+
+/// Copies every record of `args.from` that is live at `now` into `args.to`.
+pub async fn sled_to_postgres(args: &MigrateArgs, now: Timestamp) -> anyhow::Result<MigrateReport> {
+    if !args.from.is_dir() {
+        anyhow::bail!("{} is not a data directory", args.from.display());
+    }
+    let source = SledStore::open(&SledOptions {
+        path: args.from.clone(),
+        durability: Durability::Relaxed,
+        max_records: u64::MAX,
+        cache_capacity_bytes: 64 * 1024 * 1024,
+    })
+    .context("opening the embedded store (is a server still running on it?)")?;
+    let options = PostgresOptions {
+        url: args.to.clone(),
+        schema: args.schema.clone(),
+        pool_size: 1,
+        timeout: std::time::Duration::from_secs(60),
+        max_records: u64::MAX,
+        time: TimeSource::Database,
+    };
+    let expired = Cell::new(0u64);
+    let (records, fencing_floor) = source.export();
+    let live = records.filter(|entry| match entry {
+        Ok((_, _, record)) if record.is_expired(now) => {
+            expired.set(expired.get() + 1);
+            false
+        }
+        _ => true,
+    });
+    let import = postgres::import(&options, live, fencing_floor).await?;
+    Ok(MigrateReport { import, expired: expired.get() })
+}
