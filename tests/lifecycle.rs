@@ -479,3 +479,96 @@ async fn the_load_generator_runs_the_hand_rolled_baselines() {
         }
     }
 }
+
+fn run_migrate(data_dir: &Path, url: &str, schema: &str) -> String {
+    let output = Command::new(BINARY)
+        .args(["migrate", "--from"])
+        .arg(data_dir)
+        .args(["--to", url, "--schema", schema])
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "migrate failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_copies_an_embedded_store_to_postgres_and_can_be_rerun() {
+    use idempotency_coordinator::clock::{Clock, SystemClock};
+    use idempotency_coordinator::domain::Timestamp;
+    let Some(Backend::Postgres(url)) = Backend::postgres() else { return };
+    drop_stale_schemas(&url).await;
+    let schema = test_schema();
+
+    // An embedded store on real time, with a record whose retention ended ten seconds ago.
+    let mut server = TestServer::start().await;
+    let now = SystemClock.now();
+    server.clock.set(Timestamp::from_unix_millis(now.unix_millis() - 10_000));
+    let mut client = server.client().await;
+    let mut short = claim_request("gone", b"fp");
+    (short.lease_ttl, short.retention) = (Some(secs(1)), Some(secs(1)));
+    client.claim(short).await.unwrap();
+    server.clock.set(now);
+    let done = claim_acquired(&mut client, "done").await;
+    client.complete(complete_request("done", &done.lease_token, b"stored")).await.unwrap();
+    let mut long = claim_request("held", b"fp");
+    long.lease_ttl = Some(secs(120));
+    let held = acquired(client.claim(long).await.unwrap().into_inner());
+    let released = claim_acquired(&mut client, "released").await;
+    client.release(release_request("released", &released.lease_token)).await.unwrap();
+    server.stop().await;
+
+    let report = run_migrate(server.data_dir(), &url, &schema);
+    assert!(report.contains("copied 3 records (3 new, 0 replacing"), "{report}");
+    assert!(report.contains("1 expired left behind"), "{report}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let replica = ChildServer::start_with(&dir.path().join("unused"), &["--store", &url, "--postgres-schema", &schema]);
+    let mut client = replica.client().await;
+    let replay = completed(client.claim(claim_request("done", b"fp")).await.unwrap().into_inner());
+    assert_eq!(replay.response.unwrap().body, b"stored");
+    let busy = in_progress(client.claim(claim_request("held", b"fp")).await.unwrap().into_inner());
+    assert_eq!(busy.lease_expires_at, held.lease_expires_at);
+    let status = client.claim(claim_request("held", b"other")).await.unwrap_err();
+    assert_status(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
+    // Fencing tokens continue above everything the embedded store may have handed out: above its
+    // persisted reservation, which is 2^20 above the first token of its block.
+    let again = claim_acquired(&mut client, "released").await;
+    assert!(again.fencing_token > held.fencing_token.max(released.fencing_token));
+    assert!(again.fencing_token > 1 << 20, "{}", again.fencing_token);
+    // The holder's token survived the move.
+    client.complete(complete_request("held", &held.lease_token, b"finished")).await.unwrap();
+    let status = client.lookup(lookup_request("gone")).await.unwrap_err();
+    assert_status(&status, Code::NotFound, "KEY_NOT_FOUND");
+
+    // A second run copies nothing and undoes nothing done since.
+    let report = run_migrate(server.data_dir(), &url, &schema);
+    assert!(report.contains("copied 0 records (0 new, 0 replacing older copies); 3 already there"), "{report}");
+    let replay = completed(client.claim(claim_request("held", b"fp")).await.unwrap().into_inner());
+    assert_eq!(replay.response.unwrap().body, b"finished");
+    let view = client.lookup(lookup_request("released")).await.unwrap().into_inner();
+    assert_eq!((view.state(), view.fencing_token), (pb::KeyState::InProgress, again.fencing_token));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_store_url_or_an_absent_database_stops_the_server_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = |flags: &[&str]| {
+        let output = Command::new(BINARY)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("unused"))
+            .args(flags)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let log = fail(&["--store", "mysql://localhost/x"]);
+    assert!(log.contains("give a postgres://user@host:port/database URL"), "{log}");
+    let log = fail(&["--store", "postgres://nobody:secret@127.0.0.1:1/x", "--postgres-timeout", "1s"]);
+    assert!(log.contains("PostgreSQL at 127.0.0.1:1/x"), "{log}");
+    assert!(!log.contains("secret"), "the password leaked: {log}");
+    let log = fail(&["--store", "postgres://127.0.0.1/x", "--postgres-schema", "Bad-Name"]);
+    assert!(log.contains("schema name"), "{log}");
+}
