@@ -486,12 +486,14 @@ mod model {
     use std::collections::HashMap;
     use std::time::Duration;
 
+    use idempotency_coordinator::clock::{Clock, SystemClock};
     use idempotency_coordinator::domain::{
         Claim, ClaimOutcome, Complete, Fingerprint, Key, KeyState, LeaseToken, Namespace, Owner, Release, Renew,
         RequestId, Response, Timestamp,
     };
+    use idempotency_coordinator::store::postgres::{PostgresOptions, PostgresStore, TimeSource};
     use idempotency_coordinator::store::sled::{Durability, SledOptions, SledStore};
-    use idempotency_coordinator::store::{Store, StoreError};
+    use idempotency_coordinator::store::{AnyStore, Store, StoreError};
     use proptest::prelude::*;
 
     #[derive(Debug, Clone)]
@@ -679,7 +681,9 @@ mod model {
     /// The store under test, with the tokens it handed out (index 0: one it never did).
     pub struct Subject {
         pub dir: tempfile::TempDir,
-        pub store: Option<SledStore>,
+        /// `None`: sled in `dir`; `Some((url, schema))`: PostgreSQL.
+        pub postgres: Option<(String, String)>,
+        pub store: Option<AnyStore>,
         pub tokens: Vec<LeaseToken>,
         pub fencing: HashMap<u8, u64>,
     }
@@ -695,14 +699,31 @@ mod model {
         }
     }
 
-    pub fn open(dir: &std::path::Path) -> SledStore {
-        let options = SledOptions {
-            path: dir.join("data"),
-            durability: Durability::Strict,
-            max_records: 1000,
-            cache_capacity_bytes: 1 << 22,
-        };
-        super::reopen(|| SledStore::open(&options))
+    pub async fn open(dir: &std::path::Path, postgres: &Option<(String, String)>) -> AnyStore {
+        match postgres {
+            None => {
+                let options = SledOptions {
+                    path: dir.join("data"),
+                    durability: Durability::Strict,
+                    max_records: 1000,
+                    cache_capacity_bytes: 1 << 22,
+                };
+                AnyStore::Sled(super::reopen(|| SledStore::open(&options)))
+            }
+            Some((url, schema)) => {
+                let options = PostgresOptions {
+                    url: url.clone(),
+                    schema: schema.clone(),
+                    pool_size: 2,
+                    timeout: Duration::from_secs(10),
+                    max_records: 1000,
+                    time: TimeSource::Caller,
+                };
+                let local: std::sync::Arc<dyn Clock> = std::sync::Arc::new(SystemClock);
+                let store = PostgresStore::open(&options, local, Default::default()).await.expect("PostgreSQL opens");
+                AnyStore::Postgres(store)
+            }
+        }
     }
 
     impl Subject {
@@ -719,7 +740,7 @@ mod model {
                 let store = self.store.take().unwrap();
                 store.close().await.unwrap();
                 drop(store);
-                self.store = Some(open(self.dir.path()));
+                self.store = Some(open(self.dir.path(), &self.postgres).await);
                 return Seen::Nothing;
             }
             let store = self.store.as_ref().unwrap();
@@ -819,35 +840,55 @@ mod model {
     }
 }
 
+/// Runs `ops` against the reference model and a store (sled, or PostgreSQL in `postgres`), and
+/// asserts that every step is seen the same way by both.
+fn run_model(ops: &[model::Op], postgres: Option<(String, String)>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = model::open(dir.path(), &postgres).await;
+        let mut subject = model::Subject {
+            dir,
+            postgres,
+            store: Some(store),
+            tokens: vec![idempotency_coordinator::domain::LeaseToken::generate()],
+            fencing: Default::default(),
+        };
+        let mut reference = model::Model::default();
+        let mut now = START.unix_millis();
+        for (step, op) in ops.iter().enumerate() {
+            if let model::Op::Advance { seconds } = op {
+                now += i64::from(*seconds) * 1000;
+            }
+            let expected = reference.apply(op, now);
+            let actual = subject.apply(op, now).await;
+            // Both number tokens by grant order (1, 2, …), so a request-id retry names the
+            // same earlier grant on both sides.
+            assert_eq!(actual, expected, "step {step}: {op:?} at {now}\nops: {ops:?}");
+        }
+        idempotency_coordinator::store::Store::close(&subject.store.take().unwrap()).await.unwrap();
+    });
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::test_runner::Config { cases: 128, ..Default::default() })]
 
     #[test]
     fn the_sled_store_behaves_like_the_reference_model(ops in proptest::collection::vec(model::op(), 1..40)) {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        runtime.block_on(async {
-            let dir = tempfile::tempdir().unwrap();
-            let store = model::open(dir.path());
-            let mut subject = model::Subject {
-                dir,
-                store: Some(store),
-                tokens: vec![idempotency_coordinator::domain::LeaseToken::generate()],
-                fencing: Default::default(),
-            };
-            let mut reference = model::Model::default();
-            let mut now = START.unix_millis();
-            for (step, op) in ops.iter().enumerate() {
-                if let model::Op::Advance { seconds } = op {
-                    now += i64::from(*seconds) * 1000;
-                }
-                let expected = reference.apply(op, now);
-                let actual = subject.apply(op, now).await;
-                // Both number tokens by grant order (1, 2, …), so a request-id retry names the
-                // same earlier grant on both sides.
-                assert_eq!(actual, expected, "step {step}: {op:?} at {now}\nops: {ops:?}");
-            }
-            idempotency_coordinator::store::Store::close(&subject.store.take().unwrap()).await.unwrap();
-        });
+        run_model(&ops, None);
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config { cases: 96, ..Default::default() })]
+
+    /// The same model against the SQL reimplementation of the state machine, a schema per case.
+    #[test]
+    fn the_postgres_store_behaves_like_the_reference_model(ops in proptest::collection::vec(model::op(), 1..40)) {
+        if let Some(Backend::Postgres(url)) = Backend::postgres() {
+            let _serial = POSTGRES.blocking_lock();
+            run_model(&ops, Some((url, test_schema())));
+        }
     }
 }
 
