@@ -39,7 +39,8 @@ pub enum Scenario {
 /// The generator's flags.
 #[derive(Debug, Clone, Args)]
 pub struct Options {
-    /// `http://host:port` (the coordinator), `postgres://user@host:port/db` or `redis://host:port`.
+    /// `http://host:port` (the coordinator; several replicas separated by commas),
+    /// `postgres://user@host:port/db` or `redis://host:port`.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub target: String,
     /// What to run.

@@ -115,15 +115,21 @@ return 0";
 const RETENTION_MILLIS: u64 = 24 * 3600 * 1000;
 
 impl Client {
-    /// Opens `connections` clients to `target` (`http://` coordinator, `postgres://`, `redis://`).
+    /// Opens `connections` clients to `target` (`http://` coordinator, or several separated by
+    /// commas, `postgres://`, `redis://`).
     pub async fn connect_all(
         target: &str,
         connections: usize,
         synchronous_commit: bool,
     ) -> anyhow::Result<Vec<Client>> {
+        // Several coordinator replicas: `http://a,http://b`; connections are spread round robin.
+        let targets: Vec<&str> = target.split(',').map(str::trim).filter(|t| !t.is_empty()).collect();
+        if targets.is_empty() {
+            bail!("no target given");
+        }
         let mut clients = Vec::with_capacity(connections);
-        for _ in 0..connections {
-            clients.push(Client::connect(target, synchronous_commit).await?);
+        for i in 0..connections {
+            clients.push(Client::connect(targets[i % targets.len()], synchronous_commit).await?);
         }
         if let Some(Client::Postgres(client)) = clients.first() {
             client.batch_execute(PG_SCHEMA).await.context("creating the benchmark table")?;
