@@ -6,13 +6,26 @@
 //! increasing: the sequence is set above every token the embedded store may have handed out.
 
 use std::cell::Cell;
-
-use anyhow::Context;
+use std::path::PathBuf;
 
 use crate::config::MigrateArgs;
 use crate::domain::Timestamp;
-use crate::store::postgres::{self, ImportReport, PostgresOptions, TimeSource};
-use crate::store::sled::{Durability, SledOptions, SledStore};
+use crate::store::postgres::{self, ImportError, ImportReport, PostgresOptions, TimeSource};
+use crate::store::sled::{Durability, OpenError, SledOptions, SledStore};
+
+/// Why a migration stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// `--from` is not a data directory.
+    #[error("{0} is not a data directory")]
+    NotADirectory(PathBuf),
+    /// The embedded store could not be opened (a server still running on it holds its lock).
+    #[error("{0} (is a server still running on it?)")]
+    Source(#[from] OpenError),
+    /// Copying into PostgreSQL failed; what was committed stays, and re-running is safe.
+    #[error(transparent)]
+    Import(#[from] ImportError),
+}
 
 /// What a migration did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,17 +37,16 @@ pub struct MigrateReport {
 }
 
 /// Copies every record of `args.from` that is live at `now` into `args.to`.
-pub async fn sled_to_postgres(args: &MigrateArgs, now: Timestamp) -> anyhow::Result<MigrateReport> {
+pub async fn sled_to_postgres(args: &MigrateArgs, now: Timestamp) -> Result<MigrateReport, MigrateError> {
     if !args.from.is_dir() {
-        anyhow::bail!("{} is not a data directory", args.from.display());
+        return Err(MigrateError::NotADirectory(args.from.clone()));
     }
     let source = SledStore::open(&SledOptions {
         path: args.from.clone(),
         durability: Durability::Relaxed,
         max_records: u64::MAX,
         cache_capacity_bytes: 64 * 1024 * 1024,
-    })
-    .context("opening the embedded store (is a server still running on it?)")?;
+    })?;
     let options = PostgresOptions {
         url: args.to.clone(),
         schema: args.schema.clone(),

@@ -228,6 +228,20 @@ pub struct ImportReport {
     pub fencing_floor: u64,
 }
 
+/// Why an import stopped (the batches committed before it stay; re-running it is safe).
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The database could not be reached or its schema not migrated.
+    #[error(transparent)]
+    Open(#[from] PostgresOpenError),
+    /// A statement failed.
+    #[error("PostgreSQL refused the import: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    /// The source store could not be read.
+    #[error("reading the source store: {0}")]
+    Source(StoreError),
+}
+
 /// How many records one import transaction copies.
 const IMPORT_BATCH: usize = 1_000;
 
@@ -239,15 +253,16 @@ pub async fn import(
     options: &PostgresOptions,
     records: impl Iterator<Item = Result<(Namespace, Key, Record), StoreError>>,
     fencing_floor: u64,
-) -> Result<ImportReport, anyhow::Error> {
-    use anyhow::Context;
+) -> Result<ImportReport, ImportError> {
     let config = connection_config(options)?;
-    let (mut client, connection) = config.connect(NoTls).await.context("connecting to PostgreSQL")?;
+    let target = describe(&config);
+    let (mut client, connection) =
+        config.connect(NoTls).await.map_err(|source| PostgresOpenError::Database { target: target.clone(), source })?;
     let connection = tokio::spawn(connection);
     migrate(&mut client, &options.schema).await.map_err(|error| match error {
-        MigrateError::Database(error) => anyhow::Error::new(error).context("migrating the schema"),
+        MigrateError::Database(source) => PostgresOpenError::Database { target, source },
         MigrateError::TooNew { found, supported } => {
-            anyhow::anyhow!("the schema is at version {found}, newer than this release's {supported}")
+            PostgresOpenError::TooNew { schema: options.schema.clone(), found, supported }
         }
     })?;
     let upsert = client
@@ -274,7 +289,7 @@ pub async fn import(
         let transaction = client.transaction().await?;
         let mut inserted = 0i64;
         for entry in records.by_ref().take(IMPORT_BATCH) {
-            let (namespace, key, record) = entry.map_err(|error| anyhow::anyhow!("reading the source: {error}"))?;
+            let (namespace, key, record) = entry.map_err(ImportError::Source)?;
             highest = highest.max(record.fencing_token.0);
             let columns = RecordColumns::of(&record);
             let row = transaction
@@ -312,7 +327,8 @@ pub async fn import(
         transaction.execute("UPDATE record_count SET n = n + $1 WHERE shard = 0", &[&inserted]).await?;
         transaction.commit().await?;
     }
-    let floor = i64::try_from(highest).context("a fencing token beyond PostgreSQL's bigint")?;
+    // Tokens are drawn from a bigint sequence, so none can be above i64::MAX.
+    let floor = i64::try_from(highest).unwrap_or(i64::MAX);
     let row = client
         .query_one(
             "SELECT setval('fencing_tokens', greatest($1, (SELECT last_value FROM fencing_tokens)))",
