@@ -20,6 +20,8 @@ pub fn spawn<S: Store>(
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        // Failures are logged when they start and when they end, not on every interval.
+        let mut failing = false;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -30,6 +32,9 @@ pub fn spawn<S: Store>(
             loop {
                 match coordinator.sweep(batch).await {
                     Ok(report) => {
+                        if std::mem::take(&mut failing) {
+                            tracing::info!("sweeping works again");
+                        }
                         deleted += report.deleted;
                         if !report.more || stop.is_cancelled() {
                             break;
@@ -37,7 +42,9 @@ pub fn spawn<S: Store>(
                         tokio::task::yield_now().await;
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "sweep failed; retrying at the next interval");
+                        if !std::mem::replace(&mut failing, true) {
+                            tracing::warn!(%error, "sweep failed; retrying every interval until it works");
+                        }
                         break;
                     }
                 }

@@ -563,7 +563,7 @@ impl Inner {
 
     async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, StoreError> {
         let call = async {
-            let client = self.pool.get().await.map_err(|error| StoreError::Unavailable(error.to_string()))?;
+            let client = self.pool.get().await.map_err(|error| StoreError::Unavailable(with_causes(&error)))?;
             let statement = client.prepare_cached(sql).await.map_err(database_error)?;
             client.query_one(&statement, params).await.map_err(database_error)
         };
@@ -616,7 +616,7 @@ impl Inner {
 /// UNAVAILABLE (the call may or may not have taken effect); anything else is a fault.
 fn database_error(error: tokio_postgres::Error) -> StoreError {
     match error.code() {
-        None => StoreError::Unavailable(error.to_string()),
+        None => StoreError::Unavailable(with_causes(&error)),
         Some(code) => {
             let class = code.code().get(..2).unwrap_or("");
             if matches!(class, "08" | "40" | "53" | "57" | "58") {
@@ -626,6 +626,21 @@ fn database_error(error: tokio_postgres::Error) -> StoreError {
             }
         }
     }
+}
+
+/// An error and its sources on one line ("error connecting to server: Connection refused …").
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -954,6 +969,15 @@ mod tests {
         for bad in ["", "2x", "Upper", "a-b", "a.b", "x\"; DROP TABLE y", &"a".repeat(49)] {
             assert!(!valid_schema_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn unavailable_errors_name_their_cause() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error connecting to server")]
+        struct Outer(#[source] std::io::Error);
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        assert_eq!(with_causes(&Outer(refused)), "error connecting to server: Connection refused");
     }
 
     #[test]
