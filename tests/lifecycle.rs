@@ -16,7 +16,18 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_every_acknowledged_state_and_fencing_keeps_increasing() {
-    let mut server = TestServer::start().await;
+    restart_keeps_everything(Backend::Sled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_postgres_keeps_every_acknowledged_state_and_fencing_keeps_increasing() {
+    if let Some(backend) = Backend::postgres() {
+        restart_keeps_everything(backend).await;
+    }
+}
+
+async fn restart_keeps_everything(backend: Backend) {
+    let mut server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let held = claim_acquired(&mut client, "held").await;
     let done = claim_acquired(&mut client, "done").await;
@@ -51,7 +62,18 @@ async fn a_restart_keeps_every_acknowledged_state_and_fencing_keeps_increasing()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_tokens_keep_increasing_after_a_sweep_and_a_restart() {
-    let mut server = TestServer::start().await;
+    fencing_survives_sweep_and_restart(Backend::Sled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_tokens_on_postgres_keep_increasing_after_a_sweep_and_a_restart() {
+    if let Some(backend) = Backend::postgres() {
+        fencing_survives_sweep_and_restart(backend).await;
+    }
+}
+
+async fn fencing_survives_sweep_and_restart(backend: Backend) {
+    let mut server = TestServer::start_on(backend).await;
     let mut client = server.client().await;
     let mut request = claim_request("swept", b"");
     request.retention = Some(secs(1));
