@@ -56,7 +56,7 @@ pub async fn sled_to_postgres(args: &MigrateArgs, now: Timestamp) -> Result<Migr
         time: TimeSource::Database,
     };
     let expired = Cell::new(0u64);
-    let (records, fencing_floor) = source.export();
+    let (records, fencing_floor) = source.export().map_err(|error| MigrateError::Import(ImportError::Source(error)))?;
     let live = records.filter(|entry| match entry {
         Ok((_, _, record)) if record.is_expired(now) => {
             expired.set(expired.get() + 1);

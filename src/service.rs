@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tonic::{Code, Request, Response as GrpcResponse, Status};
@@ -270,6 +271,37 @@ fn answer_within(deadline: Duration) -> Duration {
     deadline.saturating_sub(margin)
 }
 
+/// Admits one log line per second and counts the ones it held back in between.
+struct LogRate {
+    last_second: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogRate {
+    const fn new() -> Self {
+        LogRate { last_second: AtomicU64::new(0), suppressed: AtomicU64::new(0) }
+    }
+
+    /// `Some(held back since the last admitted line)` if a line may be logged in `second`.
+    fn admit(&self, second: u64) -> Option<u64> {
+        let last = self.last_second.load(Ordering::Relaxed);
+        if second > last
+            && self.last_second.compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+static UNAVAILABLE_LOG: LogRate = LogRate::new();
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_secs())
+}
+
 impl From<InvalidInput> for Status {
     fn from(error: InvalidInput) -> Self {
         Status::from(Error::Invalid(error))
@@ -286,7 +318,12 @@ impl From<Error> for Status {
             Error::Rejected(Rejection::NotFound) => (Code::NotFound, "KEY_NOT_FOUND"),
             Error::StoreFull { .. } => (Code::ResourceExhausted, "STORE_FULL"),
             Error::Unavailable(detail) => {
-                tracing::warn!(%detail, "storage unavailable");
+                // During an outage every call fails; the store logs the outage itself, so calls
+                // log one line per second, with how many similar failures it stands for.
+                match UNAVAILABLE_LOG.admit(unix_seconds()) {
+                    Some(suppressed) => tracing::warn!(%detail, suppressed, "storage unavailable"),
+                    None => tracing::debug!(%detail, "storage unavailable"),
+                }
                 (Code::Unavailable, "STORE_UNAVAILABLE")
             }
             Error::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
@@ -346,6 +383,17 @@ fn invalid_limit(invalid: &InvalidInput) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unavailable_calls_log_once_a_second_with_a_count_of_the_rest() {
+        let rate = super::LogRate::new();
+        assert_eq!(rate.admit(100), Some(0));
+        assert_eq!(rate.admit(100), None);
+        assert_eq!(rate.admit(100), None);
+        assert_eq!(rate.admit(101), Some(2));
+        assert_eq!(rate.admit(99), None, "a clock stepped back logs nothing new");
+        assert_eq!(rate.admit(102), Some(1));
+    }
+
     use super::*;
 
     #[test]

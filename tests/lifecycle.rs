@@ -340,7 +340,8 @@ async fn serve_on(
         max_records: 1000,
         cache_capacity_bytes: 1 << 24,
     };
-    let store = SledStore::open_with_flush_wrapper(&options, |flush| disk.wrap(flush)).unwrap();
+    let wrapped = disk.clone();
+    let store = SledStore::open_with_flush_wrapper(&options, move |flush| wrapped.wrap(flush)).unwrap();
     let clock = std::sync::Arc::new(idempotency_coordinator::clock::ManualClock::new(START));
     let coordinator = std::sync::Arc::new(idempotency_coordinator::Coordinator::new(store, clock, Default::default()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -393,7 +394,7 @@ async fn replies_wait_until_what_they_report_is_on_disk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_disk_turns_calls_unavailable_and_health_not_serving() {
+async fn a_failing_disk_turns_calls_unavailable_and_health_not_serving_until_it_works_again() {
     let dir = tempfile::tempdir().unwrap();
     let disk = TestDisk::default();
     let (addr, stop, task) = serve_on(&disk, dir.path()).await;
@@ -414,9 +415,25 @@ async fn a_failing_disk_turns_calls_unavailable_and_health_not_serving() {
             break;
         }
     }
-    // What was acknowledged before the failure is still served.
+    // What was acknowledged before the failure is still served, and changes keep failing.
     let replay = completed(client.claim(claim_request("done", b"fp")).await.unwrap().into_inner());
     assert_eq!(replay.response.unwrap().body, b"kept");
+    let status = client.claim(claim_request("still-lost", b"fp")).await.unwrap_err();
+    assert_status(&status, Code::Unavailable, "STORE_UNAVAILABLE");
+
+    // The disk works again: the store reopens itself from disk and accepts changes.
+    disk.set(|s| s.failing = false);
+    loop {
+        let update = tokio::time::timeout(Duration::from_secs(30), watch.message()).await.unwrap().unwrap().unwrap();
+        if update.status() == ServingStatus::Serving {
+            break;
+        }
+    }
+    let after = claim_acquired(&mut client, "after").await;
+    assert!(after.fencing_token > done.fencing_token);
+    let replay = completed(client.claim(claim_request("done", b"fp")).await.unwrap().into_inner());
+    assert_eq!(replay.response.unwrap().body, b"kept");
+    client.complete(complete_request("after", &after.lease_token, b"works")).await.unwrap();
     let _ = stop.send(());
     task.await.unwrap();
 }

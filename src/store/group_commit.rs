@@ -92,7 +92,7 @@ impl GroupCommit {
         if reached.durable >= ticket { Ok(()) } else { Err(NotDurable) }
     }
 
-    /// `true` until a flush fails; after that the store acknowledges nothing until restarted.
+    /// `true` until a flush fails; after that this group commit acknowledges nothing again.
     pub fn health(&self) -> watch::Receiver<bool> {
         self.shared.healthy.subscribe()
     }
@@ -149,7 +149,7 @@ fn run_flusher(shared: &Shared, mut flush: FlushFn) {
             if let Err(error) = flush() {
                 // After a failed fsync the kernel may have dropped the dirty pages, so a later
                 // "successful" flush would prove nothing: the store stops acknowledging for good.
-                tracing::error!(%error, "flush failed; no further change is acknowledged until a restart");
+                tracing::error!(%error, "flush failed; no further change is acknowledged until the store is reopened");
                 poison(shared);
                 return;
             }

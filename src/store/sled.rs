@@ -25,8 +25,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::sync::watch;
 
 use super::group_commit::{FlushFn, GroupCommit};
@@ -109,9 +110,40 @@ struct FencingCounter {
     reserved: u64,
 }
 
+/// One record read by [`SledStore::export`], with its namespace and key.
+pub type ExportedRecord = Result<(Namespace, Key, Record), StoreError>;
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // Without this, the supervisor thread would keep the database (and its directory lock)
+        // open after the last handle is gone.
+        self.stop_supervisor();
+    }
+}
+
+/// Wraps the durable flush of every opening of the store (a test seam for failing disks).
+pub type FlushWrapper = Arc<dyn Fn(FlushFn) -> FlushFn + Send + Sync>;
+
 /// The sled-backed [`Store`]. Cheap to share: the state lives behind one `Arc`.
+///
+/// With strict durability, a supervisor thread watches the group commit. After a failed flush
+/// (a full or failing disk) the open database keeps serving what is durable, while every change
+/// fails, and the supervisor probes the data directory every second. Once a probe write of 1 MiB
+/// is made durable, it closes the database and opens it again from disk, so that nothing written
+/// around the failed flush is trusted, and changes are accepted again.
 pub struct SledStore {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    options: SledOptions,
+    wrap: FlushWrapper,
+    /// The open database; `None` only while the supervisor reopens it.
+    current: RwLock<Option<Arc<Inner>>>,
+    healthy: watch::Sender<bool>,
+    stopping: Mutex<bool>,
+    stop_signal: Condvar,
+    supervisor: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 struct Inner {
@@ -121,7 +153,6 @@ struct Inner {
     records: AtomicU64,
     max_records: u64,
     commit: Option<GroupCommit>,
-    healthy_when_relaxed: watch::Sender<bool>,
 }
 
 /// How many expired records a Claim may sweep inline when the store is full.
@@ -133,69 +164,61 @@ impl SledStore {
         Self::open_with_flush_wrapper(options, |flush| flush)
     }
 
-    /// Like [`SledStore::open`], with the durable flush passed through `wrap` first: a seam to
-    /// inject slow or failing disks in tests.
+    /// Like [`SledStore::open`], with every durable flush (and the recovery probe) passed
+    /// through `wrap` first: a seam to inject slow or failing disks in tests.
     pub fn open_with_flush_wrapper(
         options: &SledOptions,
-        wrap: impl FnOnce(FlushFn) -> FlushFn,
+        wrap: impl Fn(FlushFn) -> FlushFn + Send + Sync + 'static,
     ) -> Result<SledStore, OpenError> {
-        let path = options.path.clone();
-        let sled_error = |source| OpenError::Sled { path: path.clone(), source };
-        let flush_every_ms = match options.durability {
-            Durability::Strict => None,
-            Durability::Relaxed => Some(500),
-        };
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(options.cache_capacity_bytes)
-            .flush_every_ms(flush_every_ms)
-            .open()
-            .map_err(sled_error)?;
-        let reserved = match db.get(FENCING_RESERVATION).map_err(sled_error)? {
-            None => 0,
-            Some(bytes) => read_u64(&bytes).ok_or_else(|| OpenError::Corrupt {
-                path: path.clone(),
-                reason: "the fencing token reservation is malformed".to_owned(),
-            })?,
-        };
-        let mut records = 0u64;
-        for entry in db.scan_prefix([RECORD_PREFIX]).keys() {
-            entry.map_err(sled_error)?;
-            records += 1;
+        let wrap: FlushWrapper = Arc::new(wrap);
+        let inner = open_inner(options, &wrap)?;
+        let shared = Arc::new(Shared {
+            options: options.clone(),
+            wrap,
+            current: RwLock::new(Some(Arc::new(inner))),
+            healthy: watch::Sender::new(true),
+            stopping: Mutex::new(false),
+            stop_signal: Condvar::new(),
+            supervisor: Mutex::new(None),
+        });
+        if options.durability == Durability::Strict {
+            let supervised = Arc::clone(&shared);
+            let thread = std::thread::Builder::new()
+                .name("sled-supervisor".to_owned())
+                .spawn(move || supervise(&supervised))
+                .map_err(|source| OpenError::Io { path: options.path.clone(), source })?;
+            *shared.supervisor.lock() = Some(thread);
         }
-        let io_error = |source| OpenError::Io { path: path.clone(), source };
-        let commit = match options.durability {
-            Durability::Strict => {
-                Some(GroupCommit::start(wrap(durable_flush(db.clone(), &path).map_err(io_error)?)).map_err(io_error)?)
-            }
-            Durability::Relaxed => None,
-        };
-        Ok(SledStore {
-            inner: Arc::new(Inner {
-                db,
-                stripes: (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect(),
-                // Start exactly at the reservation, so the first grant writes a new one above it.
-                fencing: Mutex::new(FencingCounter { last: reserved, reserved }),
-                records: AtomicU64::new(records),
-                max_records: options.max_records,
-                commit,
-                healthy_when_relaxed: watch::Sender::new(true),
-            }),
+        Ok(SledStore { shared })
+    }
+
+    /// Tells the supervisor to stop; it lets go of the database within moments.
+    fn stop_supervisor(&self) {
+        *self.shared.stopping.lock() = true;
+        self.shared.stop_signal.notify_all();
+    }
+
+    /// The open database, or UNAVAILABLE during the moment it is being reopened.
+    fn inner(&self) -> Result<Arc<Inner>, StoreError> {
+        self.shared.current.read().clone().ok_or_else(|| {
+            StoreError::Unavailable("the data directory is being reopened after a disk failure".to_owned())
         })
     }
 
     /// Every stored record with its namespace and key (expired ones not yet swept included), and
     /// the fencing token below which this store may have handed out tokens: what `migrate`
     /// copies to PostgreSQL.
-    pub fn export(&self) -> (impl Iterator<Item = Result<(Namespace, Key, Record), StoreError>> + '_, u64) {
-        let records = self.inner.db.scan_prefix([RECORD_PREFIX]).map(|entry| {
+    pub fn export(&self) -> Result<(impl Iterator<Item = ExportedRecord> + 'static, u64), StoreError> {
+        let inner = self.inner()?;
+        let records = inner.db.scan_prefix([RECORD_PREFIX]).map(|entry| {
             let (stored_key, value) = entry.map_err(unavailable)?;
             let (namespace, key) = parse_record_key(&stored_key)
                 .ok_or_else(|| StoreError::Corrupt("a record key of unknown layout".to_owned()))?;
             let record = Record::decode(&value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             Ok((namespace, key, record))
         });
-        (records, self.inner.fencing.lock().reserved)
+        let reserved = inner.fencing.lock().reserved;
+        Ok((records, reserved))
     }
 
     /// A digest of every stored byte (records, index and metadata), to show that a call
@@ -203,7 +226,7 @@ impl SledStore {
     pub fn contents_digest(&self) -> Result<u64, StoreError> {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        for entry in self.inner.db.iter() {
+        for entry in self.inner()?.db.iter() {
             let (key, value) = entry.map_err(unavailable)?;
             key.hash(&mut hasher);
             value.hash(&mut hasher);
@@ -227,8 +250,9 @@ impl SledStore {
         decide: impl FnOnce(&Inner, Option<&Record>) -> Result<Transition<T>, StoreError>,
     ) -> Result<T, StoreError> {
         let record_key = record_key(namespace, key);
-        let (outcome, ticket) = self.inner.apply(&record_key, now, decide)?;
-        self.inner.wait_durable(ticket).await?;
+        let inner = self.inner()?;
+        let (outcome, ticket) = inner.apply(&record_key, now, decide)?;
+        inner.wait_durable(ticket).await?;
         Ok(outcome)
     }
 }
@@ -450,28 +474,36 @@ impl Store for SledStore {
     }
 
     async fn sweep(&self, now: Timestamp, batch: usize) -> Result<SweepReport, StoreError> {
-        let inner = Arc::clone(&self.inner);
+        let inner = self.inner()?;
         tokio::task::spawn_blocking(move || inner.sweep(now, batch, LockWait::Wait))
             .await
             .map_err(|error| StoreError::Unavailable(format!("the sweep task failed: {error}")))?
     }
 
     fn record_count(&self) -> u64 {
-        self.inner.records.load(Ordering::SeqCst)
+        self.shared.current.read().as_ref().map_or(0, |inner| inner.records.load(Ordering::SeqCst))
     }
 
     fn health(&self) -> watch::Receiver<bool> {
-        match &self.inner.commit {
-            Some(commit) => commit.health(),
-            None => self.inner.healthy_when_relaxed.subscribe(),
-        }
+        self.shared.healthy.subscribe()
     }
 
     async fn close(&self) -> Result<(), StoreError> {
-        let inner = Arc::clone(&self.inner);
+        self.stop_supervisor();
+        let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || {
+            if let Some(supervisor) = shared.supervisor.lock().take() {
+                // A panicking supervisor already reported itself; closing goes on.
+                let _ = supervisor.join();
+            }
+            let Some(inner) = shared.current.read().clone() else {
+                return Err(StoreError::Unavailable("closed while reopening after a disk failure".to_owned()));
+            };
             if let Some(commit) = &inner.commit {
                 commit.stop();
+            }
+            if !*shared.healthy.borrow() {
+                return Err(StoreError::Unavailable("the last writes could not be made durable".to_owned()));
             }
             inner.db.flush().map(drop).map_err(unavailable)
         })
@@ -534,6 +566,136 @@ fn index_key(expires_at: Timestamp, record_key: &[u8]) -> Vec<u8> {
 /// a power loss (it does not flush the disk's cache or file metadata), and it writes large values
 /// ("blobs") to separate files without syncing them. So after each flush this also fdatasyncs the
 /// log file, fsyncs blob files created since the last flush, and the directories that list them.
+/// Opens the sled database in `options.path` with its group commit. Never starts over on
+/// unreadable data.
+fn open_inner(options: &SledOptions, wrap: &FlushWrapper) -> Result<Inner, OpenError> {
+    let path = options.path.clone();
+    let sled_error = |source| OpenError::Sled { path: path.clone(), source };
+    let flush_every_ms = match options.durability {
+        Durability::Strict => None,
+        Durability::Relaxed => Some(500),
+    };
+    let db = sled::Config::new()
+        .path(&path)
+        .cache_capacity(options.cache_capacity_bytes)
+        .flush_every_ms(flush_every_ms)
+        .open()
+        .map_err(sled_error)?;
+    let reserved = match db.get(FENCING_RESERVATION).map_err(sled_error)? {
+        None => 0,
+        Some(bytes) => read_u64(&bytes).ok_or_else(|| OpenError::Corrupt {
+            path: path.clone(),
+            reason: "the fencing token reservation is malformed".to_owned(),
+        })?,
+    };
+    let mut records = 0u64;
+    for entry in db.scan_prefix([RECORD_PREFIX]).keys() {
+        entry.map_err(sled_error)?;
+        records += 1;
+    }
+    let io_error = |source| OpenError::Io { path: path.clone(), source };
+    let commit = match options.durability {
+        Durability::Strict => {
+            Some(GroupCommit::start(wrap(durable_flush(db.clone(), &path).map_err(io_error)?)).map_err(io_error)?)
+        }
+        Durability::Relaxed => None,
+    };
+    Ok(Inner {
+        db,
+        stripes: (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect(),
+        // Start exactly at the reservation, so the first grant writes a new one above it.
+        fencing: Mutex::new(FencingCounter { last: reserved, reserved }),
+        records: AtomicU64::new(records),
+        max_records: options.max_records,
+        commit,
+    })
+}
+
+/// How often a failed store checks whether the disk works again.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The probe: 1 MiB written to a scratch file in the data directory and synced, so that a disk
+/// with a few free pages does not pass for a working one.
+fn space_probe(path: &Path) -> FlushFn {
+    let scratch = path.join("space-probe");
+    Box::new(move || {
+        let result = (|| {
+            let mut file = File::create(&scratch)?;
+            std::io::Write::write_all(&mut file, &vec![0u8; 1 << 20])?;
+            file.sync_all()
+        })();
+        let _ = std::fs::remove_file(&scratch);
+        result
+    })
+}
+
+/// The supervisor thread: after a failed flush, waits until the disk works again, then reopens
+/// the database from disk and accepts changes again. Returns when the store closes.
+fn supervise(shared: &Shared) {
+    // Sleeps for `timeout` unless the store is closing; true when it is.
+    let stopped = |timeout: Duration| {
+        let mut stopping = shared.stopping.lock();
+        if !*stopping {
+            shared.stop_signal.wait_for(&mut stopping, timeout);
+        }
+        *stopping
+    };
+    loop {
+        let commit_health = match shared.current.read().as_ref().and_then(|inner| inner.commit.as_ref()) {
+            Some(commit) => commit.health(),
+            None => return,
+        };
+        while *commit_health.borrow() {
+            if stopped(Duration::from_millis(100)) {
+                return;
+            }
+        }
+        shared.healthy.send_replace(false);
+        tracing::error!(
+            "a write could not be made durable (disk full or failing): refusing changes, serving what is on disk, \
+             and checking the disk every second"
+        );
+        let mut probe = (shared.wrap)(space_probe(&shared.options.path));
+        loop {
+            if stopped(PROBE_INTERVAL) {
+                return;
+            }
+            if probe().is_ok() {
+                break;
+            }
+        }
+        tracing::info!("the disk accepts writes again; reopening the data directory");
+        let Some(old) = shared.current.write().take() else { return };
+        // Calls in flight on the old database fail at once (its group commit is poisoned); wait
+        // until they let go, so that sled releases the directory.
+        while Arc::strong_count(&old) > 1 {
+            if stopped(Duration::from_millis(10)) {
+                *shared.current.write() = Some(old);
+                return;
+            }
+        }
+        if let Some(commit) = &old.commit {
+            commit.stop();
+        }
+        drop(old);
+        let reopened = loop {
+            match open_inner(&shared.options, &shared.wrap) {
+                Ok(inner) => break inner,
+                Err(error) => {
+                    // sled's own threads may hold the directory lock a moment after the last handle.
+                    tracing::warn!(%error, "reopening the data directory failed; retrying");
+                    if stopped(Duration::from_millis(100)) {
+                        return;
+                    }
+                }
+            }
+        };
+        *shared.current.write() = Some(Arc::new(reopened));
+        shared.healthy.send_replace(true);
+        tracing::info!("the data directory was reopened; accepting changes again");
+    }
+}
+
 fn durable_flush(db: sled::Db, path: &Path) -> std::io::Result<FlushFn> {
     let log = File::open(path.join("db"))?;
     File::open(path)?.sync_all()?;
