@@ -1645,3 +1645,60 @@ async fn a_full_disk_refuses_changes_keeps_what_was_acknowledged_and_recovers_wh
     eprintln!("full disk: {} flows acknowledged before it filled, all replayed after", acknowledged.len());
     drop(server);
 }
+
+/// Builds (if needed) and locates an example program of this crate.
+fn example_program(name: &str) -> std::path::PathBuf {
+    let test_binary = std::env::current_exe().unwrap();
+    let profile_dir = test_binary.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let mut build = std::process::Command::new(env!("CARGO"));
+    build.args(["build", "--quiet", "--example", name]).current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    assert!(build.status().unwrap().success(), "building the {name} example");
+    profile_dir.join("examples").join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_client_process_is_fenced_off_when_it_resumes_after_a_takeover() {
+    use std::io::BufRead;
+    let worker_program = example_program("worker");
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(&dir.path().join("data"));
+    let mut worker = std::process::Command::new(worker_program)
+        .args(["--target", &format!("http://{}", server.addr), "--key", "paused-client", "--namespace", "payments"])
+        .args(["--body", "fp", "--lease", "1s", "--work", "2s"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // If an assertion fails, the frozen worker must not outlive the test.
+    struct Reaper(u32);
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        }
+    }
+    let _reaper = Reaper(worker.id());
+    let mut lines = std::io::BufReader::new(worker.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let stale_fencing: u64 = first.strip_prefix("acquired fencing_token=").expect(&first).parse().unwrap();
+    // The worker is in the middle of its mutation: freeze it past its lease.
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill").args([name, &worker.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let mut client = server.client().await;
+    let takeover = acquired(client.claim(claim_request("paused-client", b"fp")).await.unwrap().into_inner());
+    assert!(takeover.takeover && takeover.fencing_token > stale_fencing);
+    client.complete(complete_request("paused-client", &takeover.lease_token, b"by the new holder")).await.unwrap();
+
+    signal("-CONT");
+    let last = lines.next().unwrap().unwrap();
+    assert_eq!(last, "refused LEASE_LOST");
+    assert_eq!(worker.wait().unwrap().code(), Some(3));
+    let replay = completed(client.claim(claim_request("paused-client", b"fp")).await.unwrap().into_inner());
+    assert_eq!(replay.response.unwrap().body, b"by the new holder");
+    assert_eq!(replay.fencing_token, takeover.fencing_token);
+}
