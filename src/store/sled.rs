@@ -144,6 +144,67 @@ struct Shared {
     stopping: Mutex<bool>,
     stop_signal: Condvar,
     supervisor: Mutex<Option<std::thread::JoinHandle<()>>>,
+    sweeps: SweepThread,
+}
+
+/// A sweep batch handed to the sweep thread.
+type SweepJob = Box<dyn FnOnce() + Send>;
+
+/// The thread that runs sweeps, at a lower CPU priority than serving (nice 10), so that deleting
+/// a large batch of expired records takes the CPU that calls leave idle rather than competing
+/// with them for it. Sweeping is only reclamation (expired records are already absent), so
+/// it can wait.
+struct SweepThread {
+    jobs: Mutex<Option<std::sync::mpsc::Sender<SweepJob>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl SweepThread {
+    fn start(path: &Path) -> Result<SweepThread, OpenError> {
+        let (jobs, queue) = std::sync::mpsc::channel::<SweepJob>();
+        let thread = std::thread::Builder::new()
+            .name("sled-sweeper".to_owned())
+            .spawn(move || {
+                lower_this_threads_priority();
+                for job in queue {
+                    job();
+                }
+            })
+            .map_err(|source| OpenError::Io { path: path.to_owned(), source })?;
+        Ok(SweepThread { jobs: Mutex::new(Some(jobs)), thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Runs `job` on the sweep thread; `None` once the store is closed.
+    async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let sent = self.jobs.lock().as_ref()?.send(Box::new(move || {
+            let _ = reply.send(job());
+        }));
+        sent.ok()?;
+        answer.await.ok()
+    }
+
+    /// Lets the thread finish its queue and end. Blocks.
+    fn stop(&self) {
+        self.jobs.lock().take();
+        if let Some(thread) = self.thread.lock().take() {
+            // A panicking sweep already reported itself; closing goes on.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Gives the calling thread nice 10 (Linux applies `setpriority` to the calling thread only).
+/// Best effort: where it fails, sweeps run at normal priority.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority takes plain integers and touches no memory of ours.
+        let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        if result != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "sweeps run at normal priority");
+        }
+    }
 }
 
 struct Inner {
@@ -180,6 +241,7 @@ impl SledStore {
             stopping: Mutex::new(false),
             stop_signal: Condvar::new(),
             supervisor: Mutex::new(None),
+            sweeps: SweepThread::start(&options.path)?,
         });
         if options.durability == Durability::Strict {
             let supervised = Arc::clone(&shared);
@@ -475,9 +537,11 @@ impl Store for SledStore {
 
     async fn sweep(&self, now: Timestamp, batch: usize) -> Result<SweepReport, StoreError> {
         let inner = self.inner()?;
-        tokio::task::spawn_blocking(move || inner.sweep(now, batch, LockWait::Wait))
+        self.shared
+            .sweeps
+            .run(move || inner.sweep(now, batch, LockWait::Wait))
             .await
-            .map_err(|error| StoreError::Unavailable(format!("the sweep task failed: {error}")))?
+            .ok_or_else(|| StoreError::Unavailable("the store is closed".to_owned()))?
     }
 
     fn record_count(&self) -> u64 {
@@ -496,6 +560,7 @@ impl Store for SledStore {
                 // A panicking supervisor already reported itself; closing goes on.
                 let _ = supervisor.join();
             }
+            shared.sweeps.stop();
             let Some(inner) = shared.current.read().clone() else {
                 return Err(StoreError::Unavailable("closed while reopening after a disk failure".to_owned()));
             };
@@ -732,6 +797,38 @@ fn durable_flush(db: sled::Db, path: &Path) -> std::io::Result<FlushFn> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nice value of this process's thread named `name`, read from /proc.
+    #[cfg(target_os = "linux")]
+    fn nice_of_thread(name: &str) -> Option<i64> {
+        for task in std::fs::read_dir("/proc/self/task").ok()? {
+            let task = task.ok()?.path();
+            if std::fs::read_to_string(task.join("comm")).ok()?.trim() == name {
+                let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+                // Fields after the parenthesised command name; nice is field 19 of the line.
+                let after_name = stat.rsplit_once(')')?.1;
+                return after_name.split_whitespace().nth(16)?.parse().ok();
+            }
+        }
+        None
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn sweeps_run_on_a_thread_of_lower_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&SledOptions {
+            path: dir.path().join("data"),
+            durability: Durability::Strict,
+            max_records: 10,
+            cache_capacity_bytes: 1 << 20,
+        })
+        .unwrap();
+        let report = store.sweep(Timestamp::from_unix_millis(0), 10).await.unwrap();
+        assert_eq!(report.deleted, 0);
+        assert_eq!(nice_of_thread("sled-sweeper"), Some(10));
+        store.close().await.unwrap();
+    }
 
     #[test]
     fn expiry_buckets_round_up_to_the_second_and_keep_order() {
