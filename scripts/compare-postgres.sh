@@ -14,17 +14,9 @@ trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 psql -h 127.0.0.1 -U postgres -q -c "DROP DATABASE IF EXISTS idempotency_bench" -c "CREATE DATABASE idempotency_bench"
 pg=postgres://postgres@127.0.0.1:5432/idempotency_bench
 
-row() { # name, then bench flags; prints: name rate p50 p99 errors (of the flow, or the call)
-    local name=$1; shift
-    "$bench" --duration "$DURATION" --warmup 1s --json "$@" > "$tmp/report.json"
-    python3 - "$name" "$tmp/report.json" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[2]))
-op = r["ops"].get("flow") or next(iter(r["ops"].values()))
-errors = sum(sum(o["errors"].values()) for o in r["ops"].values())
-print("| %s | %.0f | %.2f | %.2f | %d |" % (sys.argv[1], r["rate_per_s"], op["p50_ms"], op["p99_ms"], errors))
-PY
-}
+scratch=$tmp
+# shellcheck source=scripts/row.sh
+. scripts/row.sh
 
 for port in 50081 50082 50083; do
     "$server" --store "$pg" --listen 127.0.0.1:$port --data-dir "$tmp/unused" 2>"$tmp/replica-$port.log" &
