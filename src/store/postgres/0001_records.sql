@@ -58,6 +58,11 @@ CREATE TYPE outcome AS (
 -- retried), 10 fingerprint mismatch, 11 store full, 12 lease lost, 13 already completed
 -- (Renew/Release refused), 14 not found.
 
+-- An outcome that carries only its code and the time (refusals, and a Release's success).
+CREATE FUNCTION bare_outcome(p_code integer, p_now bigint) RETURNS outcome LANGUAGE sql IMMUTABLE AS $$
+    SELECT ROW(p_code::smallint, p_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome
+$$;
+
 -- The database clock, in Unix milliseconds; `p_now` overrides it only for tests.
 CREATE FUNCTION now_ms(p_now bigint) RETURNS bigint LANGUAGE sql VOLATILE AS $$
     SELECT coalesce(p_now, floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
@@ -104,7 +109,7 @@ BEGIN
         IF p_max_records IS NOT NULL AND (SELECT sum(n) FROM record_count) >= p_max_records THEN
             PERFORM sweep(v_now, 64);
             IF (SELECT sum(n) FROM record_count) >= p_max_records THEN
-                RETURN ROW(11, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+                RETURN bare_outcome(11, v_now);
             END IF;
         END IF;
         v_fencing := nextval('fencing_tokens');
@@ -132,7 +137,7 @@ BEGIN
     END IF;
 
     IF length(p_fingerprint) > 0 AND length(r.fingerprint) > 0 AND p_fingerprint <> r.fingerprint THEN
-        RETURN ROW(10, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+        RETURN bare_outcome(10, v_now);
     END IF;
 
     IF r.state = 3 THEN
@@ -184,7 +189,7 @@ DECLARE
 BEGIN
     SELECT * INTO r FROM records WHERE namespace = p_namespace AND key = p_key FOR UPDATE;
     IF NOT FOUND OR r.expires_at <= v_now THEN
-        RETURN ROW(12, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+        RETURN bare_outcome(12, v_now);
     END IF;
     IF r.state = 1 AND r.token = p_token THEN
         v_retention := coalesce(p_retention_ms, r.retention_ms);
@@ -202,7 +207,7 @@ BEGIN
         RETURN ROW(4, v_now, r.fencing_token, NULL, NULL, NULL, NULL, NULL, NULL, r.completed_at,
                    r.expires_at)::outcome;
     END IF;
-    RETURN ROW(12, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+    RETURN bare_outcome(12, v_now);
 END
 $$;
 
@@ -215,7 +220,7 @@ DECLARE
 BEGIN
     SELECT * INTO r FROM records WHERE namespace = p_namespace AND key = p_key FOR UPDATE;
     IF NOT FOUND OR r.expires_at <= v_now THEN
-        RETURN ROW(12, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+        RETURN bare_outcome(12, v_now);
     END IF;
     IF r.state = 1 AND r.token = p_token THEN
         UPDATE records SET updated_at = v_now, lease_expires_at = v_lease_end,
@@ -227,9 +232,9 @@ BEGIN
         RETURN ROW(1, v_now, r.fencing_token, NULL, NULL, NULL, v_lease_end, NULL, NULL, NULL, NULL)::outcome;
     END IF;
     IF r.state = 3 AND r.token = p_token THEN
-        RETURN ROW(13, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+        RETURN bare_outcome(13, v_now);
     END IF;
-    RETURN ROW(12, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+    RETURN bare_outcome(12, v_now);
 END
 $$;
 
@@ -241,7 +246,7 @@ DECLARE
 BEGIN
     SELECT * INTO r FROM records WHERE namespace = p_namespace AND key = p_key FOR UPDATE;
     IF NOT FOUND OR r.expires_at <= v_now THEN
-        RETURN ROW(1, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+        RETURN bare_outcome(1, v_now);
     END IF;
     IF r.state = 1 AND r.token = p_token THEN
         UPDATE records SET updated_at = v_now, state = 2, lease_expires_at = NULL, request_id = NULL,
@@ -250,14 +255,14 @@ BEGIN
         IF r.waiters THEN
             PERFORM notify_waiters(p_namespace, p_key);
         END IF;
-        RETURN ROW(1, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+        RETURN bare_outcome(1, v_now);
     END IF;
     IF r.state = 2 AND r.token = p_token THEN
-        RETURN ROW(1, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+        RETURN bare_outcome(1, v_now);
     END IF;
     IF r.state = 3 AND r.token = p_token THEN
-        RETURN ROW(13, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+        RETURN bare_outcome(13, v_now);
     END IF;
-    RETURN ROW(12, v_now, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::outcome;
+    RETURN bare_outcome(12, v_now);
 END
 $$;
