@@ -150,6 +150,32 @@ mod tests {
         assert_eq!(Record::decode(&completed.encode()).unwrap(), completed);
     }
 
+    /// Stores written by earlier releases must stay readable: these bytes were written by the
+    /// release that encoded bodies and fingerprints element by element.
+    #[test]
+    fn encoding_is_the_stored_format() {
+        let record = Record {
+            fingerprint: Fingerprint::parse(&[0xab; 3]).unwrap(),
+            fencing_token: FencingToken(300),
+            attempt: 2,
+            owner: Owner::parse("pod").unwrap(),
+            retention_millis: 86_400_000,
+            updated_at: Timestamp::from_unix_millis(1_700_000_000_000),
+            state: RecordState::Completed {
+                by: LeaseToken::parse("00112233-4455-6677-8899-aabbccddeeff").unwrap(),
+                response: Response { body: vec![0, 1, 0xff], metadata: [("s".into(), "201".into())].into() },
+                completed_at: Timestamp::from_unix_millis(1_700_000_000_001),
+            },
+        };
+        let stored: &[u8] = &[
+            1, 3, 171, 171, 171, 172, 2, 2, 3, 112, 111, 100, 128, 184, 153, 41, 128, 160, 171, 254, 249, 98, 2, 16, 0,
+            17, 34, 51, 68, 85, 102, 119, 136, 153, 170, 187, 204, 221, 238, 255, 3, 0, 1, 255, 1, 1, 115, 3, 50, 48,
+            49, 130, 160, 171, 254, 249, 98,
+        ];
+        assert_eq!(record.encode(), stored);
+        assert_eq!(Record::decode(stored).unwrap(), record);
+    }
+
     #[test]
     fn undecodable_bytes_are_reported() {
         assert!(Record::decode(&[]).is_err());

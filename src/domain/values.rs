@@ -168,7 +168,7 @@ impl Key {
 
 /// A digest of the request a key was first claimed with; empty means "not checked".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fingerprint(Vec<u8>);
+pub struct Fingerprint(#[serde(with = "serde_bytes")] Vec<u8>);
 
 impl Fingerprint {
     /// The longest fingerprint accepted, in bytes.
@@ -294,7 +294,9 @@ impl fmt::Debug for RequestId {
 /// The stored result of a mutation, replayed byte for byte.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
-    /// The response body.
+    /// The response body. Encoded as one byte string (the same bytes postcard writes for a
+    /// sequence of u8, but copied at once rather than one element at a time).
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     /// Status, headers or anything else the API replays; ordered so that encoding is stable.
     pub metadata: BTreeMap<String, String>,
