@@ -1,7 +1,15 @@
 //! The embedded store: sled, with per-key serialisation, group commit and an expiry index.
 //!
 //! Layout of the one sled tree (all integers big-endian, so byte order is numeric order):
-//! - `r` + namespace length (1 byte) + namespace + key → the encoded [`Record`];
+//! - `r` + namespace length (1 byte) + namespace + key → the encoded [`Record`]. A completed
+//!   record is written as `B` + the record encoded with an empty response body, and the body
+//!   itself goes under `b` + the same namespace length, namespace and key. Rewriting a record
+//!   (Claim, then Complete) then copies a small value rather than the whole response, which keeps
+//!   sled's log, and so the disk, smaller. Records that start with the encoding version instead
+//!   of `B` hold their body inline (stores written before bodies were kept apart): both are read;
+//! - `b` + namespace length + namespace + key → the response body of the record under `r` + the
+//!   same bytes, while that record is completed (a body may outlive its record's completion until
+//!   the record is swept or completed again, but it is only read through a `B` record);
 //! - `x` + expiry bucket (8 bytes: expires_at rounded up to the second) + the record's key →
 //!   nothing: the expiry index, oldest first;
 //! - `m:fencing-reserved` → the fencing token below which this process may hand out tokens.
@@ -13,6 +21,9 @@
 //! - Every record has an index entry at its expiry bucket, which is never earlier than its expiry. Writes add the new entry before the
 //!   record and drop the old one after, sweeps drop the record before its entry, so a crash
 //!   leaves at most stale entries (which sweeping drops), never a record that is not indexed.
+//! - A `B` record's body is written before the record and deleted after it (and before the index
+//!   entry), so a completed record never lacks its body, and a body left by a crash is deleted
+//!   when the sweeper meets the entry it left behind.
 //! - A reply reports only state that is durable: writers wait for their group-commit ticket,
 //!   readers for the ticket of the last write to their stripe.
 //! - Fencing tokens come from one counter; a token is handed out only after a reservation above
@@ -34,8 +45,8 @@ use super::group_commit::{FlushFn, GroupCommit};
 use super::{Store, StoreError, SweepReport};
 use crate::domain::machine;
 use crate::domain::{
-    Claim, ClaimOutcome, Complete, CompleteOutcome, FencingToken, Key, KeyView, Namespace, Record, Release, Renew,
-    RenewOutcome, Timestamp, Transition,
+    Claim, ClaimOutcome, Complete, CompleteOutcome, FencingToken, Key, KeyView, Namespace, Record, RecordState,
+    Release, Renew, RenewOutcome, Timestamp, Transition,
 };
 
 /// When a reply may report a change.
@@ -92,6 +103,10 @@ pub enum OpenError {
 }
 
 const RECORD_PREFIX: u8 = b'r';
+const BODY_PREFIX: u8 = b'b';
+/// The first byte of a completed record whose response body is stored apart, under its body key.
+/// Distinct from every encoding version of [`Record::encode`].
+const BODY_APART: u8 = b'B';
 const INDEX_PREFIX: u8 = b'x';
 const FENCING_RESERVATION: &[u8] = b"m:fencing-reserved";
 /// How many fencing tokens one reservation covers. A restart skips at most this many.
@@ -292,11 +307,12 @@ impl SledStore {
     /// copies to PostgreSQL.
     pub fn export(&self) -> Result<(impl Iterator<Item = ExportedRecord> + 'static, u64), StoreError> {
         let inner = self.inner()?;
-        let records = inner.db.scan_prefix([RECORD_PREFIX]).map(|entry| {
+        let db = inner.db.clone();
+        let records = inner.db.scan_prefix([RECORD_PREFIX]).map(move |entry| {
             let (stored_key, value) = entry.map_err(unavailable)?;
             let (namespace, key) = parse_record_key(&stored_key)
                 .ok_or_else(|| StoreError::Corrupt("a record key of unknown layout".to_owned()))?;
-            let record = Record::decode(&value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let record = decode_stored(&db, &stored_key, &value, Body::Load)?;
             Ok((namespace, key, record))
         });
         let reserved = inner.fencing.lock().reserved;
@@ -363,10 +379,10 @@ impl Inner {
         Ok(FencingToken(token))
     }
 
-    fn read(&self, record_key: &[u8]) -> Result<Option<Record>, StoreError> {
+    fn read(&self, record_key: &[u8], body: Body) -> Result<Option<Record>, StoreError> {
         match self.db.get(record_key).map_err(unavailable)? {
             None => Ok(None),
-            Some(bytes) => Record::decode(&bytes).map(Some).map_err(|e| StoreError::Corrupt(e.to_string())),
+            Some(bytes) => decode_stored(&self.db, record_key, &bytes, body).map(Some),
         }
     }
 
@@ -379,7 +395,7 @@ impl Inner {
         decide: impl FnOnce(&Inner, Option<&Record>) -> Result<Transition<T>, StoreError>,
     ) -> Result<(T, u64), StoreError> {
         let mut stripe = self.stripe(record_key).lock();
-        let current = self.read(record_key)?;
+        let current = self.read(record_key, Body::Load)?;
         let transition = decide(self, current.as_ref())?;
         let Some(record) = transition.write else {
             return Ok((transition.outcome, stripe.last_write));
@@ -387,7 +403,7 @@ impl Inner {
         if current.is_none() {
             self.reserve_record_slot(now)?;
         }
-        if let Err(error) = self.write(record_key, current.as_ref(), &record) {
+        if let Err(error) = self.write(record_key, current.as_ref(), record) {
             if current.is_none() {
                 self.records.fetch_sub(1, Ordering::SeqCst);
             }
@@ -413,19 +429,30 @@ impl Inner {
         if reserve() { Ok(()) } else { Err(StoreError::Full { max_records }) }
     }
 
-    /// Writes a record and its expiry index entry. Each sled insert is atomic on its own; the
-    /// order (new index entry, record, then removal of the old entry) means a crash in between
-    /// leaves at most a stale index entry, which the sweeper recognises and drops, and never a
-    /// record without an entry. (sled's `apply_batch` would make this one step, but it takes a
-    /// process-wide write lock that serialises every write in the store.)
-    fn write(&self, record_key: &[u8], previous: Option<&Record>, record: &Record) -> Result<(), StoreError> {
+    /// Writes a record, its response body (when completed) and its expiry index entry. Each sled
+    /// insert is atomic on its own; the order (new index entry, body, record, then removal of the
+    /// old entry) means a crash in between leaves at most a stale index entry, which the sweeper
+    /// recognises and drops, or a body that no record refers to yet, and never a record without
+    /// an entry or a completed record without its body. (sled's `apply_batch` would make this one
+    /// step, but it takes a process-wide write lock that serialises every write in the store.)
+    fn write(&self, record_key: &[u8], previous: Option<&Record>, mut record: Record) -> Result<(), StoreError> {
         let expires_at = record.expires_at();
         let previous_expiry =
             previous.map(Record::expires_at).filter(|previous| expiry_bucket(*previous) != expiry_bucket(expires_at));
         if previous.is_none() || previous_expiry.is_some() {
             self.db.insert(index_key(expires_at, record_key), &[]).map_err(unavailable)?;
         }
-        self.db.insert(record_key, record.encode()).map_err(unavailable)?;
+        let value = match &mut record.state {
+            RecordState::Completed { response, .. } => {
+                let body = std::mem::take(&mut response.body);
+                self.db.insert(body_key(record_key), body).map_err(unavailable)?;
+                let mut value = record.encode();
+                value.insert(0, BODY_APART);
+                value
+            }
+            RecordState::Held(_) | RecordState::Released { .. } => record.encode(),
+        };
+        self.db.insert(record_key, value).map_err(unavailable)?;
         if let Some(previous_expiry) = previous_expiry {
             self.db.remove(index_key(previous_expiry, record_key)).map_err(unavailable)?;
         }
@@ -467,9 +494,14 @@ impl Inner {
                     None => continue,
                 },
             };
-            let expired = match self.read(record_key) {
+            let expired = match self.read(record_key, Body::Skip) {
                 Ok(Some(record)) => record.is_expired(now) && index_key(record.expires_at(), record_key) == *entry,
-                Ok(None) => false,
+                Ok(None) => {
+                    // A stale entry: the record is gone, and so must be a body that a crash in the
+                    // middle of deleting it left behind.
+                    self.db.remove(body_key(record_key)).map_err(unavailable)?;
+                    false
+                }
                 Err(StoreError::Corrupt(reason)) => {
                     // Leave the record for an operator; drop its entry so sweeping goes on.
                     tracing::error!(%reason, "skipping an undecodable record while sweeping");
@@ -477,9 +509,11 @@ impl Inner {
                 }
                 Err(error) => return Err(error),
             };
-            // The record goes first: a crash between the two leaves a stale entry, not a leak.
+            // The record goes first, then its body, then the entry: a crash in between leaves a
+            // stale entry (and maybe the body), which the next sweep deletes; never a leak.
             if expired {
                 self.db.remove(record_key).map_err(unavailable)?;
+                self.db.remove(body_key(record_key)).map_err(unavailable)?;
                 self.records.fetch_sub(1, Ordering::SeqCst);
                 report.deleted += 1;
             }
@@ -623,6 +657,44 @@ fn record_key(namespace: &Namespace, key: &Key) -> Vec<u8> {
     bytes.extend_from_slice(namespace);
     bytes.extend_from_slice(key.as_str().as_bytes());
     bytes
+}
+
+/// Where the response body of the record under `record_key` is stored apart.
+fn body_key(record_key: &[u8]) -> Vec<u8> {
+    let mut bytes = record_key.to_vec();
+    bytes[0] = BODY_PREFIX;
+    bytes
+}
+
+/// Whether reading a record fetches a response body stored apart (the sweeper needs only the
+/// record's times).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Body {
+    Load,
+    Skip,
+}
+
+/// Decodes the value stored under `record_key`, in either layout (see the module's comment).
+fn decode_stored(db: &sled::Db, record_key: &[u8], bytes: &[u8], body: Body) -> Result<Record, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt(reason);
+    let Some((&BODY_APART, encoded)) = bytes.split_first() else {
+        return Record::decode(bytes).map_err(|e| corrupt(e.to_string()));
+    };
+    let mut record = Record::decode(encoded).map_err(|e| corrupt(e.to_string()))?;
+    match &mut record.state {
+        RecordState::Completed { response, .. } if body == Body::Load => {
+            let stored = db
+                .get(body_key(record_key))
+                .map_err(unavailable)?
+                .ok_or_else(|| corrupt("a completed record's response body is missing".to_owned()))?;
+            response.body = stored.to_vec();
+        }
+        RecordState::Completed { .. } => {}
+        RecordState::Held(_) | RecordState::Released { .. } => {
+            return Err(corrupt("a record marked as completed is not completed".to_owned()));
+        }
+    }
+    Ok(record)
 }
 
 /// Reads a key written by [`record_key`].
@@ -856,6 +928,148 @@ mod tests {
         let report = store.sweep(Timestamp::from_unix_millis(0), 10).await.unwrap();
         assert_eq!(report.deleted, 0);
         assert_eq!(nice_of_thread("sled-sweeper"), Some(10));
+        store.close().await.unwrap();
+    }
+
+    fn open_at(dir: &Path) -> SledStore {
+        SledStore::open(&SledOptions {
+            path: dir.join("data"),
+            durability: Durability::Strict,
+            max_records: 100,
+            cache_capacity_bytes: 1 << 20,
+        })
+        .unwrap()
+    }
+
+    fn claim_command(retention: Duration) -> Claim {
+        Claim {
+            fingerprint: crate::domain::Fingerprint::parse(b"fp").unwrap(),
+            lease_ttl: Duration::from_secs(30),
+            retention,
+            request_id: None,
+            owner: crate::domain::Owner::parse("test").unwrap(),
+            new_lease_token: crate::domain::LeaseToken::generate(),
+        }
+    }
+
+    fn response(body: &[u8]) -> crate::domain::Response {
+        crate::domain::Response { body: body.to_vec(), metadata: [("status".to_owned(), "201".to_owned())].into() }
+    }
+
+    /// Claims and completes `key` at `now` with `body`.
+    async fn complete_key(store: &SledStore, key: &Key, now: Timestamp, body: &[u8]) {
+        let namespace = Namespace::parse("ns").unwrap();
+        let claim = claim_command(Duration::from_secs(60));
+        store.claim(&namespace, key, now, &claim, false).await.unwrap();
+        let complete = Complete { lease_token: claim.new_lease_token, response: response(body), retention: None };
+        store.complete(&namespace, key, now, complete).await.unwrap();
+    }
+
+    async fn replayed_body(store: &SledStore, key: &Key, now: Timestamp) -> Vec<u8> {
+        let namespace = Namespace::parse("ns").unwrap();
+        match store.claim(&namespace, key, now, &claim_command(Duration::from_secs(60)), false).await.unwrap() {
+            ClaimOutcome::Completed(stored) => stored.response.body,
+            other => panic!("expected a replay, got {other:?}"),
+        }
+    }
+
+    /// Every key in the store but the fencing reservation.
+    fn stored_keys(store: &SledStore) -> Vec<Vec<u8>> {
+        let inner = store.inner().unwrap();
+        let keys = inner.db.iter().keys().map(|key| key.unwrap().to_vec());
+        keys.filter(|key| key.as_slice() != FENCING_RESERVATION).collect()
+    }
+
+    #[tokio::test]
+    async fn completed_records_keep_their_body_apart_and_sweeping_deletes_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_at(dir.path());
+        let namespace = Namespace::parse("ns").unwrap();
+        let key = Key::parse("k").unwrap();
+        let now = Timestamp::from_unix_millis(1_000_000);
+        let body: Vec<u8> = (0..=255u8).cycle().take(700).collect();
+        complete_key(&store, &key, now, &body).await;
+
+        let record_key = record_key(&namespace, &key);
+        let db = store.inner().unwrap().db.clone();
+        let value = db.get(&record_key).unwrap().unwrap();
+        assert_eq!(value[0], BODY_APART);
+        assert!(value.len() < 200, "the record holds no body: {} bytes", value.len());
+        assert_eq!(db.get(body_key(&record_key)).unwrap().unwrap().as_ref(), body.as_slice());
+        assert_eq!(replayed_body(&store, &key, now).await, body);
+        let view = store.lookup(&namespace, &key, now).await.unwrap();
+        assert_eq!(view.completed.unwrap().0.body, body);
+
+        // Survives a restart.
+        drop(db);
+        store.close().await.unwrap();
+        drop(store);
+        let store = open_at(dir.path());
+        assert_eq!(replayed_body(&store, &key, now).await, body);
+
+        let later = Timestamp::from_unix_millis(1_000_000 + 86_400_000 * 2);
+        assert_eq!(store.sweep(later, 100).await.unwrap().deleted, 1);
+        assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn records_written_with_their_body_inline_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_at(dir.path());
+        let namespace = Namespace::parse("ns").unwrap();
+        let key = Key::parse("old").unwrap();
+        let now = Timestamp::from_unix_millis(1_000_000);
+        complete_key(&store, &key, now, b"{\"id\":1}").await;
+        // Rewrite it the way stores written before bodies were kept apart hold it.
+        let record_key = record_key(&namespace, &key);
+        let db = store.inner().unwrap().db.clone();
+        let mut record = decode_stored(&db, &record_key, &db.get(&record_key).unwrap().unwrap(), Body::Load).unwrap();
+        if let RecordState::Completed { response, .. } = &mut record.state {
+            response.body = b"inline body".to_vec();
+        }
+        db.insert(&record_key, record.encode()).unwrap();
+        db.remove(body_key(&record_key)).unwrap();
+
+        assert_eq!(replayed_body(&store, &key, now).await, b"inline body");
+        let (mut exported, _) = store.export().unwrap();
+        assert_eq!(exported.next().unwrap().unwrap().2, record);
+        let later = Timestamp::from_unix_millis(1_000_000 + 86_400_000 * 2);
+        assert_eq!(store.sweep(later, 100).await.unwrap().deleted, 1);
+        assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_body_left_by_a_crash_in_the_middle_of_a_sweep_is_deleted_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_at(dir.path());
+        let namespace = Namespace::parse("ns").unwrap();
+        let key = Key::parse("k").unwrap();
+        let now = Timestamp::from_unix_millis(1_000_000);
+        complete_key(&store, &key, now, b"body").await;
+        // What a crash right after the sweeper deleted the record leaves: its body and its entry.
+        let record_key = record_key(&namespace, &key);
+        store.inner().unwrap().db.remove(&record_key).unwrap();
+        assert_eq!(stored_keys(&store).len(), 2);
+
+        let later = Timestamp::from_unix_millis(1_000_000 + 86_400_000 * 2);
+        assert_eq!(store.sweep(later, 100).await.unwrap().deleted, 0);
+        assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_completed_record_whose_body_is_missing_is_reported_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_at(dir.path());
+        let namespace = Namespace::parse("ns").unwrap();
+        let key = Key::parse("k").unwrap();
+        let now = Timestamp::from_unix_millis(1_000_000);
+        complete_key(&store, &key, now, b"body").await;
+        store.inner().unwrap().db.remove(body_key(&record_key(&namespace, &key))).unwrap();
+        let refused = store.claim(&namespace, &key, now, &claim_command(Duration::from_secs(60)), false).await;
+        assert!(matches!(refused, Err(StoreError::Corrupt(_))), "{refused:?}");
         store.close().await.unwrap();
     }
 
