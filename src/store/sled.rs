@@ -973,6 +973,26 @@ mod tests {
         }
     }
 
+    const NOW: Timestamp = Timestamp::from_unix_millis(1_000_000);
+
+    /// A store in a fresh directory where `key` (namespace `ns`) was completed with `body` at
+    /// [`NOW`], and that key's record key.
+    async fn store_with_completed(key: &str, body: &[u8]) -> (tempfile::TempDir, SledStore, Key, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_at(dir.path());
+        let key = Key::parse(key).unwrap();
+        complete_key(&store, &key, NOW, body).await;
+        let record_key = record_key(&Namespace::parse("ns").unwrap(), &key);
+        (dir, store, key, record_key)
+    }
+
+    /// Sweeps two days after [`NOW`], when every test record has expired; returns how many
+    /// records were deleted.
+    async fn sweep_all(store: &SledStore) -> usize {
+        let later = Timestamp::from_unix_millis(NOW.unix_millis() + 2 * 86_400_000);
+        store.sweep(later, 100).await.unwrap().deleted
+    }
+
     /// Every key in the store but the fencing reservation.
     fn stored_keys(store: &SledStore) -> Vec<Vec<u8>> {
         let inner = store.inner().unwrap();
@@ -982,15 +1002,9 @@ mod tests {
 
     #[tokio::test]
     async fn completed_records_keep_their_body_apart_and_sweeping_deletes_both() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open_at(dir.path());
-        let namespace = Namespace::parse("ns").unwrap();
-        let key = Key::parse("k").unwrap();
-        let now = Timestamp::from_unix_millis(1_000_000);
         let body: Vec<u8> = (0..=255u8).cycle().take(700).collect();
-        complete_key(&store, &key, now, &body).await;
-
-        let record_key = record_key(&namespace, &key);
+        let (dir, store, key, record_key) = store_with_completed("k", &body).await;
+        let (namespace, now) = (Namespace::parse("ns").unwrap(), NOW);
         let db = store.inner().unwrap().db.clone();
         let value = db.get(&record_key).unwrap().unwrap();
         assert_eq!(value[0], BODY_APART);
@@ -1007,22 +1021,15 @@ mod tests {
         let store = open_at(dir.path());
         assert_eq!(replayed_body(&store, &key, now).await, body);
 
-        let later = Timestamp::from_unix_millis(1_000_000 + 86_400_000 * 2);
-        assert_eq!(store.sweep(later, 100).await.unwrap().deleted, 1);
+        assert_eq!(sweep_all(&store).await, 1);
         assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
         store.close().await.unwrap();
     }
 
     #[tokio::test]
     async fn records_written_with_their_body_inline_are_still_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open_at(dir.path());
-        let namespace = Namespace::parse("ns").unwrap();
-        let key = Key::parse("old").unwrap();
-        let now = Timestamp::from_unix_millis(1_000_000);
-        complete_key(&store, &key, now, b"{\"id\":1}").await;
+        let (_dir, store, key, record_key) = store_with_completed("old", b"{\"id\":1}").await;
         // Rewrite it the way stores written before bodies were kept apart hold it.
-        let record_key = record_key(&namespace, &key);
         let db = store.inner().unwrap().db.clone();
         let mut record = decode_stored(&db, &record_key, &db.get(&record_key).unwrap().unwrap(), Body::Load).unwrap();
         if let RecordState::Completed { response, .. } = &mut record.state {
@@ -1031,44 +1038,32 @@ mod tests {
         db.insert(&record_key, record.encode()).unwrap();
         db.remove(body_key(&record_key)).unwrap();
 
-        assert_eq!(replayed_body(&store, &key, now).await, b"inline body");
+        assert_eq!(replayed_body(&store, &key, NOW).await, b"inline body");
         let (mut exported, _) = store.export().unwrap();
         assert_eq!(exported.next().unwrap().unwrap().2, record);
-        let later = Timestamp::from_unix_millis(1_000_000 + 86_400_000 * 2);
-        assert_eq!(store.sweep(later, 100).await.unwrap().deleted, 1);
+        assert_eq!(sweep_all(&store).await, 1);
         assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
         store.close().await.unwrap();
     }
 
     #[tokio::test]
     async fn a_body_left_by_a_crash_in_the_middle_of_a_sweep_is_deleted_by_the_next() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open_at(dir.path());
-        let namespace = Namespace::parse("ns").unwrap();
-        let key = Key::parse("k").unwrap();
-        let now = Timestamp::from_unix_millis(1_000_000);
-        complete_key(&store, &key, now, b"body").await;
+        let (_dir, store, _key, record_key) = store_with_completed("k", b"body").await;
         // What a crash right after the sweeper deleted the record leaves: its body and its entry.
-        let record_key = record_key(&namespace, &key);
         store.inner().unwrap().db.remove(&record_key).unwrap();
         assert_eq!(stored_keys(&store).len(), 2);
 
-        let later = Timestamp::from_unix_millis(1_000_000 + 86_400_000 * 2);
-        assert_eq!(store.sweep(later, 100).await.unwrap().deleted, 0);
+        assert_eq!(sweep_all(&store).await, 0);
         assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
         store.close().await.unwrap();
     }
 
     #[tokio::test]
     async fn a_completed_record_whose_body_is_missing_is_reported_corrupt() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open_at(dir.path());
+        let (_dir, store, key, record_key) = store_with_completed("k", b"body").await;
+        store.inner().unwrap().db.remove(body_key(&record_key)).unwrap();
         let namespace = Namespace::parse("ns").unwrap();
-        let key = Key::parse("k").unwrap();
-        let now = Timestamp::from_unix_millis(1_000_000);
-        complete_key(&store, &key, now, b"body").await;
-        store.inner().unwrap().db.remove(body_key(&record_key(&namespace, &key))).unwrap();
-        let refused = store.claim(&namespace, &key, now, &claim_command(Duration::from_secs(60)), false).await;
+        let refused = store.claim(&namespace, &key, NOW, &claim_command(Duration::from_secs(60)), false).await;
         assert!(matches!(refused, Err(StoreError::Corrupt(_))), "{refused:?}");
         store.close().await.unwrap();
     }
