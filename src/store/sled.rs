@@ -22,8 +22,10 @@
 //!   record and drop the old one after, sweeps drop the record before its entry, so a crash
 //!   leaves at most stale entries (which sweeping drops), never a record that is not indexed.
 //! - A `B` record's body is written before the record and deleted after it (and before the index
-//!   entry), so a completed record never lacks its body, and a body left by a crash is deleted
-//!   when the sweeper meets the entry it left behind.
+//!   entry), so a completed record never lacks its body. A body that no record refers to (a
+//!   Complete cut short by a crash, a completed key claimed again after it expired) is
+//!   overwritten by the key's next Complete or deleted when the key's record is swept; one left
+//!   by a crash in the middle of a sweep is deleted when the sweeper meets the stale entry.
 //! - A reply reports only state that is durable: writers wait for their group-commit ticket,
 //!   readers for the ticket of the last write to their stripe.
 //! - Fencing tokens come from one counter; a token is handed out only after a reservation above
