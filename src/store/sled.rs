@@ -3,10 +3,14 @@
 //! Layout of the one sled tree (all integers big-endian, so byte order is numeric order):
 //! - `r` + namespace length (1 byte) + namespace + key → the encoded [`Record`]. A completed
 //!   record is written as `B` + the record encoded with an empty response body, and the body
-//!   itself goes under `b` + the same namespace length, namespace and key. Rewriting a record
-//!   (Claim, then Complete) then copies a small value rather than the whole response, which keeps
-//!   sled's log, and so the disk, smaller. Records that start with the encoding version instead
-//!   of `B` hold their body inline (stores written before bodies were kept apart): both are read;
+//!   itself goes under `b` + the same namespace length, namespace and key. sled appends each
+//!   change to its log as a fragment of the leaf it touches, rewrites the whole leaf (up to 16
+//!   entries) every tenth change, and moves live leaves when it cleans a segment of its log. With
+//!   bodies inline, every Claim of a key copied, in time, the bodies of the completed keys beside
+//!   it; record leaves now hold records of about 100 bytes, and body leaves change only when a
+//!   body is written or deleted. That keeps the log, and so the disk, smaller. Records that start
+//!   with the encoding version instead of `B` hold their body inline (stores written before bodies
+//!   were kept apart): both are read;
 //! - `b` + namespace length + namespace + key → the response body of the record under `r` + the
 //!   same bytes, while that record is completed (a body may outlive its record's completion until
 //!   the record is swept or completed again, but it is only read through a `B` record);
@@ -17,10 +21,12 @@
 //! Invariants:
 //! - All changes to one key happen under that key's stripe lock, so a read-decide-write is atomic
 //!   against every other call (sled's directory lock keeps other processes out). Stripe locks
-//!   are held only around in-memory sled calls, never across an await or a flush.
+//!   are held only around in-memory sled calls, never across an await or a group-commit flush
+//!   (the exception: a fencing reservation's flush, once per 2^20 grants).
 //! - Every record has an index entry at its expiry bucket, which is never earlier than its expiry. Writes add the new entry before the
 //!   record and drop the old one after, sweeps drop the record before its entry, so a crash
-//!   leaves at most stale entries (which sweeping drops), never a record that is not indexed.
+//!   leaves at most stale entries (which sweeping drops), never a record that is not indexed
+//!   (a sweep drops the entry of a record it cannot decode, leaving the record for an operator).
 //! - A `B` record's body is written before the record and deleted after it (and before the index
 //!   entry), so a completed record never lacks its body. A body that no record refers to (a
 //!   Complete cut short by a crash, a completed key claimed again after it expired) is
@@ -107,7 +113,7 @@ pub enum OpenError {
 const RECORD_PREFIX: u8 = b'r';
 const BODY_PREFIX: u8 = b'b';
 /// The first byte of a completed record whose response body is stored apart, under its body key.
-/// Distinct from every encoding version of [`Record::encode`].
+/// [`Record::encode`] starts with its encoding version, now 1: versions must stay below this one.
 const BODY_APART: u8 = b'B';
 const INDEX_PREFIX: u8 = b'x';
 const FENCING_RESERVATION: &[u8] = b"m:fencing-reserved";
@@ -1015,6 +1021,12 @@ mod tests {
         assert_eq!(replayed_body(&store, &key, now).await, body);
         let view = store.lookup(&namespace, &key, now).await.unwrap();
         assert_eq!(view.completed.unwrap().0.body, body);
+        let (mut exported, _) = store.export().unwrap();
+        match exported.next().unwrap().unwrap().2.state {
+            RecordState::Completed { response, .. } => assert_eq!(response.body, body),
+            other => panic!("exported {other:?}"),
+        }
+        drop(exported);
 
         // Survives a restart.
         drop(db);
