@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -66,12 +67,21 @@ pub struct Coordinator<S> {
     limits: Limits,
     waiters: Mutex<HashMap<WaitKey, Arc<Notify>>>,
     draining: CancellationToken,
+    /// Calls admitted so far; the sweeper reads it to tell whether calls are being served.
+    admitted: AtomicU64,
 }
 
 impl<S: Store> Coordinator<S> {
     /// A coordinator over `store`, reading time from `clock`.
     pub fn new(store: S, clock: Arc<dyn Clock>, limits: Limits) -> Self {
-        Coordinator { store, clock, limits, waiters: Mutex::new(HashMap::new()), draining: CancellationToken::new() }
+        Coordinator {
+            store,
+            clock,
+            limits,
+            waiters: Mutex::new(HashMap::new()),
+            draining: CancellationToken::new(),
+            admitted: AtomicU64::new(0),
+        }
     }
 
     /// The request bounds and defaults in force.
@@ -95,7 +105,7 @@ impl<S: Store> Coordinator<S> {
         wait: Duration,
         answer_by: Option<Instant>,
     ) -> Result<ClaimOutcome, Error> {
-        self.refuse_if_draining()?;
+        self.admit()?;
         let mut now = self.clock.now();
         let give_up_at = now.plus(wait);
         let waiter = (!wait.is_zero()).then(|| self.waiter(namespace, key));
@@ -136,7 +146,7 @@ impl<S: Store> Coordinator<S> {
         key: &Key,
         complete: Complete,
     ) -> Result<CompleteOutcome, Error> {
-        self.refuse_if_draining()?;
+        self.admit()?;
         let outcome = self.store.complete(namespace, key, self.clock.now(), complete).await?;
         // Also on a retried Complete: the first one may have stored the response and then lost
         // its call before waking anyone.
@@ -146,7 +156,7 @@ impl<S: Store> Coordinator<S> {
 
     /// Extends (or shortens) the holder's lease; waiters re-arm their timers on the new end.
     pub async fn renew(&self, namespace: &Namespace, key: &Key, renew: &Renew) -> Result<RenewOutcome, Error> {
-        self.refuse_if_draining()?;
+        self.admit()?;
         let outcome = self.store.renew(namespace, key, self.clock.now(), renew).await?;
         self.wake(namespace, key);
         Ok(outcome)
@@ -154,7 +164,7 @@ impl<S: Store> Coordinator<S> {
 
     /// Gives the key back; wakes Claims waiting for it.
     pub async fn release(&self, namespace: &Namespace, key: &Key, release: &Release) -> Result<(), Error> {
-        self.refuse_if_draining()?;
+        self.admit()?;
         self.store.release(namespace, key, self.clock.now(), release).await?;
         self.wake(namespace, key);
         Ok(())
@@ -162,7 +172,7 @@ impl<S: Store> Coordinator<S> {
 
     /// Reads a key.
     pub async fn lookup(&self, namespace: &Namespace, key: &Key) -> Result<KeyView, Error> {
-        self.refuse_if_draining()?;
+        self.admit()?;
         Ok(self.store.lookup(namespace, key, self.clock.now()).await?)
     }
 
@@ -176,8 +186,18 @@ impl<S: Store> Coordinator<S> {
         self.draining.cancel();
     }
 
-    fn refuse_if_draining(&self) -> Result<(), Error> {
-        if self.draining.is_cancelled() { Err(Error::ShuttingDown) } else { Ok(()) }
+    /// How many calls have been admitted since the coordinator started.
+    pub fn calls_admitted(&self) -> u64 {
+        self.admitted.load(Ordering::Relaxed)
+    }
+
+    /// Counts a call in, or refuses it while draining.
+    fn admit(&self) -> Result<(), Error> {
+        if self.draining.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        self.admitted.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn waiter(&self, namespace: &Namespace, key: &Key) -> Waiter<'_, S> {

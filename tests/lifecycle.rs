@@ -160,10 +160,13 @@ async fn draining_answers_waiting_claims_and_refuses_new_calls() {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    // The sweeper reads this count to tell whether calls are being served.
+    assert_eq!(server.coordinator().calls_admitted(), 2, "the claim and the waiting claim");
     server.coordinator().drain();
     in_progress(waiter.await.unwrap().expect("the waiting claim is answered").into_inner());
     let status = client.lookup(lookup_request("busy")).await.unwrap_err();
     assert_status(&status, Code::Unavailable, "SHUTTING_DOWN");
+    assert_eq!(server.coordinator().calls_admitted(), 2, "a refused call is not counted");
     server.stop().await;
 }
 
