@@ -170,6 +170,24 @@ async fn draining_answers_waiting_claims_and_refuses_new_calls() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_that_reaches_the_coordinator_counts_as_load_for_the_sweeper() {
+    let mut server = TestServer::start().await;
+    let mut client = server.client().await;
+    let grant = claim_acquired(&mut client, "counted").await;
+    client.renew(renew_request("counted", &grant.lease_token, secs(30))).await.unwrap();
+    client.complete(complete_request("counted", &grant.lease_token, b"done")).await.unwrap();
+    // Refused by the state machine (the key is completed), but it reached the store: counted.
+    client.release(release_request("counted", &grant.lease_token)).await.unwrap_err();
+    client.lookup(lookup_request("counted")).await.unwrap();
+    assert_eq!(server.coordinator().calls_admitted(), 5, "claim, renew, complete, release, lookup");
+    // Refused as invalid before it reaches the coordinator: not counted.
+    let status = client.lookup(lookup_request("")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(server.coordinator().calls_admitted(), 5);
+    server.stop().await;
+}
+
 /// Runs the binary on `data_dir` and returns its exit success and everything it logged.
 fn run_to_exit(data_dir: &Path) -> (bool, String) {
     let output = Command::new(BINARY)

@@ -910,9 +910,10 @@ mod tests {
     /// The nice value of this process's thread named `name`, read from /proc.
     #[cfg(target_os = "linux")]
     fn nice_of_thread(name: &str) -> Option<i64> {
-        for task in std::fs::read_dir("/proc/self/task").ok()? {
-            let task = task.ok()?.path();
-            if std::fs::read_to_string(task.join("comm")).ok()?.trim() == name {
+        // Other tests' threads come and go while this reads: a task that vanished is passed by.
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let task = task.path();
+            if std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim() == name) {
                 let stat = std::fs::read_to_string(task.join("stat")).ok()?;
                 // Fields after the parenthesised command name; nice is field 19 of the line.
                 let after_name = stat.rsplit_once(')')?.1;
