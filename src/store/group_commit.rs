@@ -102,6 +102,13 @@ impl GroupCommit {
         self.shared.flushes.load(Ordering::Relaxed)
     }
 
+    /// Stops acknowledging for good, as after a failed flush: for a write that failed before it
+    /// could take a ticket. Writes not yet durable are refused; health turns false.
+    pub fn fail(&self) {
+        poison(&self.shared);
+        self.request_flush();
+    }
+
     fn request_flush(&self) {
         let mut signal = self.shared.signal.lock();
         if !signal.requested {
@@ -141,6 +148,11 @@ fn run_flusher(shared: &Shared, mut flush: FlushFn) {
             signal.requested = false;
             signal.stopping
         };
+        if !*shared.healthy.borrow() {
+            // Failed from outside (`fail`): no flush may acknowledge anything any more.
+            poison(shared);
+            return;
+        }
         // Every write with a ticket up to `target` was applied before this load.
         let target = shared.written.load(Ordering::SeqCst);
         let already = shared.progress.borrow().durable;
@@ -219,6 +231,24 @@ mod tests {
         let ticket = commit.written();
         assert!(commit.durable(ticket).await.is_err());
         assert!(!*commit.health().borrow());
+    }
+
+    #[tokio::test]
+    async fn failing_from_outside_turns_health_off_and_acknowledges_nothing_more() {
+        let commit = GroupCommit::start(Box::new(|| Ok(()))).unwrap();
+        let before = commit.written();
+        commit.durable(before).await.expect("flushing works");
+        assert!(*commit.health().borrow());
+        let flushes = commit.flush_count();
+        commit.fail();
+        assert!(!*commit.health().borrow());
+        // The flush function still works, but nothing written after the failure is acknowledged.
+        let after = commit.written();
+        assert!(commit.durable(after).await.is_err());
+        commit.durable(before).await.expect("what was durable stays durable");
+        // Not even the final flush of stopping runs: the flusher ended at the failure.
+        commit.stop();
+        assert_eq!(commit.flush_count(), flushes, "no flush runs after the failure");
     }
 
     #[tokio::test]

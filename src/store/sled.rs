@@ -409,13 +409,13 @@ impl Inner {
             return Ok((transition.outcome, stripe.last_write));
         };
         if current.is_none() {
-            self.reserve_record_slot(now)?;
+            self.reserve_record_slot(now).map_err(|error| self.write_failed(error))?;
         }
         if let Err(error) = self.write(record_key, current.as_ref(), record) {
             if current.is_none() {
                 self.records.fetch_sub(1, Ordering::SeqCst);
             }
-            return Err(error);
+            return Err(self.write_failed(error));
         }
         stripe.last_write = self.commit.as_ref().map_or(0, GroupCommit::written);
         Ok((transition.outcome, stripe.last_write))
@@ -435,6 +435,17 @@ impl Inner {
         }
         self.sweep(now, INLINE_SWEEP_BATCH, LockWait::Skip)?;
         if reserve() { Ok(()) } else { Err(StoreError::Full { max_records }) }
+    }
+
+    /// Passes `error` on; when sled refused a write, first stops the group commit, so that the
+    /// store turns unhealthy and the supervisor reopens it once the disk works again. sled refuses
+    /// every write after one of its own log writes failed (a full disk, say), and a flush with no
+    /// newer write pending still succeeds, so a failed write may be the only sign of it.
+    fn write_failed(&self, error: StoreError) -> StoreError {
+        if let (StoreError::Unavailable(_), Some(commit)) = (&error, &self.commit) {
+            commit.fail();
+        }
+        error
     }
 
     /// Writes a record, its response body (when completed) and its expiry index entry. Each sled
@@ -1007,6 +1018,26 @@ mod tests {
         let inner = store.inner().unwrap();
         let keys = inner.db.iter().keys().map(|key| key.unwrap().to_vec());
         keys.filter(|key| key.as_slice() != FENCING_RESERVATION).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_sled_refused_turns_the_store_unhealthy_until_it_is_reopened() {
+        let (_dir, store, key, _) = store_with_completed("kept", b"kept body").await;
+        let mut health = store.health();
+        assert!(*health.borrow());
+        // What `apply` does when sled refuses an insert (as it does after one of its own log
+        // writes failed): the group commit stops and the store turns unhealthy.
+        let refused = store.inner().unwrap().write_failed(StoreError::Unavailable("refused".to_owned()));
+        assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
+        let waited = tokio::time::timeout(Duration::from_secs(30), health.wait_for(|healthy| !healthy)).await;
+        waited.expect("the store turned unhealthy").unwrap();
+        // The disk works, so the supervisor reopens the directory and changes are accepted again,
+        // with what was acknowledged before still there.
+        let waited = tokio::time::timeout(Duration::from_secs(30), health.wait_for(|healthy| *healthy)).await;
+        waited.expect("the store was reopened").unwrap();
+        assert_eq!(replayed_body(&store, &key, NOW).await, b"kept body");
+        complete_key(&store, &Key::parse("after").unwrap(), NOW, b"after").await;
+        store.close().await.unwrap();
     }
 
     #[tokio::test]
