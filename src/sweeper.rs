@@ -45,12 +45,11 @@ pub fn spawn<S: Store>(
             }
             let started = Instant::now();
             let pass = pass(|| coordinator.sweep(batch), || coordinator.calls_admitted(), &stop).await;
-            match pass.error {
-                None if std::mem::take(&mut failing) => tracing::info!("sweeping works again"),
-                Some(error) if !std::mem::replace(&mut failing, true) => {
-                    tracing::warn!(%error, "sweep failed; retrying every interval until it works");
-                }
-                None | Some(_) => {}
+            let was_failing = std::mem::replace(&mut failing, pass.error.is_some());
+            match (was_failing, pass.error) {
+                (true, None) => tracing::info!("sweeping works again"),
+                (false, Some(error)) => tracing::warn!(%error, "sweep failed; retrying every interval until it works"),
+                _ => {}
             }
             if pass.deleted > 0 {
                 let records = coordinator.store().record_count();

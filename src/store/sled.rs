@@ -1027,8 +1027,13 @@ mod tests {
         assert!(*health.borrow());
         // What `apply` does when sled refuses an insert (as it does after one of its own log
         // writes failed): the group commit stops and the store turns unhealthy.
-        let refused = store.inner().unwrap().write_failed(StoreError::Unavailable("refused".to_owned()));
+        let inner = store.inner().unwrap();
+        let refused = inner.write_failed(StoreError::Unavailable("refused".to_owned()));
         assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
+        // The group commit stopped at once (the store's own health follows within 100 ms, and
+        // turns back once the supervisor has reopened the directory, a second or more later).
+        assert!(!*inner.commit.as_ref().expect("strict durability").health().borrow());
+        drop(inner);
         let waited = tokio::time::timeout(Duration::from_secs(30), health.wait_for(|healthy| !healthy)).await;
         waited.expect("the store turned unhealthy").unwrap();
         // The disk works, so the supervisor reopens the directory and changes are accepted again,
