@@ -433,7 +433,7 @@ impl Inner {
         if reserve() {
             return Ok(());
         }
-        self.sweep(now, INLINE_SWEEP_BATCH, LockWait::Skip)?;
+        self.sweep(now, INLINE_SWEEP_BATCH, LockWait::Skip, SweepReach::CurrentSecond)?;
         if reserve() { Ok(()) } else { Err(StoreError::Full { max_records }) }
     }
 
@@ -490,12 +490,25 @@ impl Inner {
 
     /// Deletes up to `batch` index entries that are due at `now`: expired records with their
     /// entries, and stale entries alone. Blocking; the caller keeps it off the async workers.
-    fn sweep(&self, now: Timestamp, batch: usize, lock_wait: LockWait) -> Result<SweepReport, StoreError> {
-        // Entries filed at or before `now` hold only expired records (a bucket is never earlier
-        // than its records' expiry): the range ends just after `now`. The key is built directly,
-        // not through the bucket, so that `now` itself is not rounded up.
+    ///
+    /// `reach` says how far it looks. [`SweepReach::Due`] (the sweeper) stops at `now`: every
+    /// bucket before it holds only expired records. [`SweepReach::CurrentSecond`] (a full store
+    /// making room) also looks into the bucket of the second that `now` falls in, where records
+    /// that expired a moment ago sit beside ones that have not, and leaves the latter alone.
+    fn sweep(
+        &self,
+        now: Timestamp,
+        batch: usize,
+        lock_wait: LockWait,
+        reach: SweepReach,
+    ) -> Result<SweepReport, StoreError> {
+        // The key is built directly, not through the bucket, so that `now` itself is not rounded up.
+        let through = match reach {
+            SweepReach::Due => now.unix_millis(),
+            SweepReach::CurrentSecond => expiry_bucket(now),
+        };
         let mut end = vec![INDEX_PREFIX];
-        end.extend_from_slice(&(((now.unix_millis() + 1) as u64) ^ (1 << 63)).to_be_bytes());
+        end.extend_from_slice(&((through.saturating_add(1) as u64) ^ (1 << 63)).to_be_bytes());
         let mut report = SweepReport::default();
         for entry in self.db.range([INDEX_PREFIX].as_slice()..end.as_slice()).keys() {
             if report.scanned == batch {
@@ -513,33 +526,51 @@ impl Inner {
                     None => continue,
                 },
             };
-            let expired = match self.read(record_key, Body::Skip) {
-                Ok(Some(record)) => record.is_expired(now) && index_key(record.expires_at(), record_key) == *entry,
+            match self.read(record_key, Body::Skip) {
+                Ok(Some(record)) => {
+                    let own_entry = index_key(record.expires_at(), record_key);
+                    if own_entry != *entry {
+                        // A stale entry. The record's own entry is normally there already; it is
+                        // missing only for records whose expiry a later release computes
+                        // differently (a held record is now kept a retention after its lease),
+                        // and then it is filed where the record now expires.
+                        if !self.db.contains_key(&own_entry).map_err(unavailable)? {
+                            self.db.insert(own_entry, &[]).map_err(unavailable)?;
+                        }
+                    } else if record.is_expired(now) {
+                        // The record goes first, then its body, then the entry: a crash in between
+                        // leaves a stale entry (and maybe the body), which the next sweep deletes.
+                        self.db.remove(record_key).map_err(unavailable)?;
+                        self.db.remove(body_key(record_key)).map_err(unavailable)?;
+                        self.records.fetch_sub(1, Ordering::SeqCst);
+                        report.deleted += 1;
+                    } else {
+                        // Only in the current second's bucket: not expired yet, so it stays indexed.
+                        continue;
+                    }
+                }
                 Ok(None) => {
                     // A stale entry: the record is gone, and so must be a body that a crash in the
                     // middle of deleting it left behind.
                     self.db.remove(body_key(record_key)).map_err(unavailable)?;
-                    false
                 }
                 Err(StoreError::Corrupt(reason)) => {
                     // Leave the record for an operator; drop its entry so sweeping goes on.
                     tracing::error!(%reason, "skipping an undecodable record while sweeping");
-                    false
                 }
                 Err(error) => return Err(error),
-            };
-            // The record goes first, then its body, then the entry: a crash in between leaves a
-            // stale entry (and maybe the body), which the next sweep deletes; never a leak.
-            if expired {
-                self.db.remove(record_key).map_err(unavailable)?;
-                self.db.remove(body_key(record_key)).map_err(unavailable)?;
-                self.records.fetch_sub(1, Ordering::SeqCst);
-                report.deleted += 1;
             }
             self.db.remove(&*entry).map_err(unavailable)?;
         }
         Ok(report)
     }
+}
+
+/// How far into the expiry index a sweep looks (see [`Inner::sweep`]).
+#[derive(Clone, Copy)]
+enum SweepReach {
+    Due,
+    CurrentSecond,
 }
 
 /// Whether a sweep waits for a busy key's lock or passes the key by.
@@ -614,7 +645,7 @@ impl Store for SledStore {
         self.shared
             .sweeps
             .run(move || {
-                let report = inner.sweep(now, batch, LockWait::Wait)?;
+                let report = inner.sweep(now, batch, LockWait::Wait, SweepReach::Due)?;
                 let deleted = shared.swept_since_trim.fetch_add(report.deleted as u64, Ordering::Relaxed);
                 if !report.more && deleted + report.deleted as u64 >= TRIM_AFTER_SWEEPING {
                     shared.swept_since_trim.store(0, Ordering::Relaxed);
@@ -901,7 +932,19 @@ fn durable_flush(db: sled::Db, path: &Path) -> std::io::Result<FlushFn> {
         for entry in entries {
             let name = entry?.file_name();
             if !synced_blobs.contains(&name) {
-                File::open(blobs_dir.join(&name))?.sync_all()?;
+                // sled deletes a blob as soon as no page refers to it any more, which can happen
+                // between the listing and this open (pages of large values are rewritten often
+                // under load). A blob that is gone holds nothing that any acknowledged state
+                // needs, so there is nothing to sync; it is not an I/O failure.
+                match File::open(blobs_dir.join(&name)) {
+                    Ok(file) => match file.sync_all() {
+                        Ok(()) => {}
+                        Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(error) => return Err(error),
+                    },
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(error) => return Err(error),
+                }
                 created = true;
             }
             present.insert(name);
@@ -1116,6 +1159,66 @@ mod tests {
         let namespace = Namespace::parse("ns").unwrap();
         let refused = store.claim(&namespace, &key, NOW, &claim_command(Duration::from_secs(60)), false).await;
         assert!(matches!(refused, Err(StoreError::Corrupt(_))), "{refused:?}");
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_store_makes_room_from_records_that_expired_within_the_current_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&SledOptions {
+            path: dir.path().join("data"),
+            durability: Durability::Strict,
+            max_records: 2,
+            cache_capacity_bytes: 1 << 20,
+        })
+        .unwrap();
+        let namespace = Namespace::parse("ns").unwrap();
+        let short = || Claim {
+            lease_ttl: Duration::from_millis(100),
+            retention: Duration::from_secs(1),
+            ..claim_command(Duration::from_secs(1))
+        };
+        for key in ["a", "b"] {
+            store.claim(&namespace, &Key::parse(key).unwrap(), NOW, &short(), false).await.unwrap();
+        }
+        // Both expire at NOW + 1.1 s, filed in the bucket of NOW + 2 s.
+        let new_key = Key::parse("c").unwrap();
+        let before = Timestamp::from_unix_millis(NOW.unix_millis() + 1_050);
+        let refused = store.claim(&namespace, &new_key, before, &short(), false).await;
+        assert!(matches!(refused, Err(StoreError::Full { .. })), "{refused:?}");
+        let after = Timestamp::from_unix_millis(NOW.unix_millis() + 1_150);
+        let outcome = store.claim(&namespace, &new_key, after, &short(), false).await.unwrap();
+        assert!(matches!(outcome, ClaimOutcome::Acquired(_)), "{outcome:?}");
+        // Both expired records made room; the new one stays indexed and is swept once it expires.
+        assert_eq!(store.record_count(), 1);
+        let much_later = Timestamp::from_unix_millis(NOW.unix_millis() + 10_000);
+        assert_eq!(store.sweep(much_later, 100).await.unwrap().deleted, 1);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_record_indexed_under_an_older_expiry_rule_is_filed_again_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_at(dir.path());
+        let namespace = Namespace::parse("ns").unwrap();
+        let key = Key::parse("held").unwrap();
+        let claim = claim_command(Duration::from_secs(1));
+        store.claim(&namespace, &key, NOW, &claim, false).await.unwrap();
+        // What a store written by a release that kept held records only until their lease ended
+        // holds: the record's entry at the lease's end (NOW + 30 s) instead of a retention later.
+        let record_key = record_key(&namespace, &key);
+        let inner = store.inner().unwrap();
+        let record = inner.read(&record_key, Body::Load).unwrap().unwrap();
+        inner.db.remove(index_key(record.expires_at(), &record_key)).unwrap();
+        inner.db.insert(index_key(Timestamp::from_unix_millis(NOW.unix_millis() + 30_000), &record_key), &[]).unwrap();
+        drop(inner);
+        // Sweeping past the old entry keeps the record (it expires at NOW + 31 s) and files it again.
+        let between = Timestamp::from_unix_millis(NOW.unix_millis() + 30_500);
+        assert_eq!(store.sweep(between, 100).await.unwrap().deleted, 0);
+        assert_eq!(store.lookup(&namespace, &key, between).await.unwrap().attempt, 1);
+        let later = Timestamp::from_unix_millis(NOW.unix_millis() + 31_000);
+        assert_eq!(store.sweep(later, 100).await.unwrap().deleted, 1);
+        assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
         store.close().await.unwrap();
     }
 
