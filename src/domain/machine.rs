@@ -485,7 +485,7 @@ mod tests {
         assert_eq!(grant.lease_expires_at, at(10));
         let record = record.unwrap();
         assert_eq!(record.fingerprint.as_bytes(), b"fp");
-        assert_eq!(record.expires_at(), at(100));
+        assert_eq!(record.expires_at(), at(110), "a retention after the lease ends");
     }
 
     #[test]
@@ -542,6 +542,23 @@ mod tests {
     }
 
     #[test]
+    fn a_lapsed_lease_stays_visible_for_a_retention_even_when_retention_is_shorter_than_the_lease() {
+        let mut counter = Counter(0);
+        let command = Claim { lease_ttl: SECOND, retention: SECOND, ..claim_command(b"A", "") };
+        let (record, _) = apply_claim(at(0), None, &command, &mut counter);
+        let record = record.unwrap();
+        let later = Timestamp::from_unix_millis(1_200);
+        let view = lookup(later, Some(&record)).unwrap();
+        assert_eq!((view.state, view.attempt), (KeyState::LeaseExpired, 1));
+        let other = Claim { lease_ttl: SECOND, retention: SECOND, ..claim_command(b"B", "") };
+        assert_eq!(claim(later, Some(&record), &other, |_| panic!("no grant")), Err(Rejection::FingerprintMismatch));
+        let (_, outcome) = apply_claim(later, Some(record.clone()), &command, &mut counter);
+        assert_eq!((acquired(&outcome).attempt, acquired(&outcome).takeover), (2, true));
+        // A retention after the lapse, the key is forgotten.
+        assert_eq!(lookup(at(2), Some(&record)), Err(Rejection::NotFound));
+    }
+
+    #[test]
     fn fingerprint_mismatch_is_refused_in_every_state() {
         let mut counter = Counter(0);
         let (held, grant) = held_key(&mut counter);
@@ -564,6 +581,30 @@ mod tests {
         let released = release(at(1), record.as_ref(), &Release { lease_token: token }).unwrap().write;
         let (record, _) = apply_claim(at(2), released, &claim_command(b"fp", ""), &mut counter);
         assert_eq!(record.unwrap().fingerprint.as_bytes(), b"fp");
+    }
+
+    /// The binding happens when a Claim is granted the key, never on a read: a Claim that is
+    /// answered `completed` or `in_progress` changes nothing. So a key granted and completed
+    /// without a fingerprint replays to Claims with any fingerprint.
+    #[test]
+    fn a_key_granted_without_fingerprint_is_not_bound_by_claims_that_only_read_it() {
+        let mut counter = Counter(0);
+        let (held, outcome) = apply_claim(at(0), None, &claim_command(b"", ""), &mut counter);
+        let held = held.unwrap();
+        for fingerprint in [&b"A"[..], b"B"] {
+            let read = claim(at(1), Some(&held), &claim_command(fingerprint, ""), |_| panic!("no grant")).unwrap();
+            assert!(matches!(read.outcome, ClaimOutcome::InProgress { .. }));
+            assert_eq!(read.write, None);
+        }
+        let token = acquired(&outcome).lease_token;
+        let command = Complete { lease_token: token, response: response("paid"), retention: None };
+        let completed = complete(at(2), Some(&held), command).unwrap().write.unwrap();
+        assert!(completed.fingerprint.is_empty());
+        for fingerprint in [&b"A"[..], b"B"] {
+            let read = claim(at(3), Some(&completed), &claim_command(fingerprint, ""), |_| panic!("no grant")).unwrap();
+            assert!(matches!(read.outcome, ClaimOutcome::Completed(_)));
+            assert_eq!(read.write, None);
+        }
     }
 
     #[test]
@@ -627,7 +668,7 @@ mod tests {
         let transition = renew(at(15), Some(&record), &command).unwrap();
         assert_eq!(transition.outcome, RenewOutcome { lease_expires_at: at(35), fencing_token: grant.fencing_token });
         let renewed = transition.write.unwrap();
-        assert_eq!(renewed.expires_at(), at(115));
+        assert_eq!(renewed.expires_at(), at(135));
         let view = lookup(at(16), Some(&renewed)).unwrap();
         assert_eq!(view.state, KeyState::InProgress);
     }

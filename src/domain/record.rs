@@ -1,7 +1,7 @@
 //! The stored state of one key, and its byte encoding.
 //!
-//! Invariant: a record's `expires_at()` is never before the end of a held lease, so that retention
-//! cannot end while someone holds the key.
+//! Invariant: a held record's `expires_at()` is a whole retention after the end of its lease, so
+//! that retention cannot end while someone holds the key, nor soon after a lease lapsed.
 
 use std::time::Duration;
 
@@ -76,12 +76,15 @@ impl Record {
         Duration::from_millis(self.retention_millis)
     }
 
-    /// When the key is forgotten: `retention` after the last change, but never before its lease ends.
+    /// When the key is forgotten: `retention` after the last change, and for a held key
+    /// `retention` after its lease ends. A lease that lapsed without Complete or Release may have
+    /// left a mutation half done, so the key stays visible (as LEASE_EXPIRED, with its
+    /// fingerprint binding and attempt count) for a whole retention after the lapse: the next
+    /// Claim is told it takes over, never that it starts afresh.
     pub fn expires_at(&self) -> Timestamp {
-        let retained_until = self.updated_at.plus(self.retention());
         match &self.state {
-            RecordState::Held(lease) => retained_until.max(lease.expires_at),
-            RecordState::Released { .. } | RecordState::Completed { .. } => retained_until,
+            RecordState::Held(lease) => lease.expires_at.max(self.updated_at).plus(self.retention()),
+            RecordState::Released { .. } | RecordState::Completed { .. } => self.updated_at.plus(self.retention()),
         }
     }
 
@@ -130,11 +133,15 @@ mod tests {
     }
 
     #[test]
-    fn expiry_never_cuts_a_lease_short() {
-        assert_eq!(held(10_500).expires_at(), Timestamp::from_unix_millis(11_000));
-        assert_eq!(held(50_000).expires_at(), Timestamp::from_unix_millis(50_000));
-        assert!(!held(50_000).is_expired(Timestamp::from_unix_millis(49_999)));
-        assert!(held(50_000).is_expired(Timestamp::from_unix_millis(50_000)));
+    fn a_held_record_is_kept_a_retention_after_its_lease_ends() {
+        // Retention 1 s, last change at 10 s.
+        assert_eq!(held(10_500).expires_at(), Timestamp::from_unix_millis(11_500));
+        assert_eq!(held(50_000).expires_at(), Timestamp::from_unix_millis(51_000));
+        assert!(!held(50_000).is_expired(Timestamp::from_unix_millis(50_999)));
+        assert!(held(50_000).is_expired(Timestamp::from_unix_millis(51_000)));
+        // A lease that ended before the last change (never written so, but decodable) counts
+        // from the change.
+        assert_eq!(held(5_000).expires_at(), Timestamp::from_unix_millis(11_000));
     }
 
     #[test]

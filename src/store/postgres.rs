@@ -38,7 +38,10 @@ use crate::domain::{
 
 /// The embedded migrations, applied in order; a database at a later version than the last one
 /// here was migrated by a newer release, and this one refuses to run against it.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "records", include_str!("postgres/0001_records.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "records", include_str!("postgres/0001_records.sql")),
+    (2, "lapsed leases kept a retention", include_str!("postgres/0002_lapsed_leases_kept.sql")),
+];
 
 /// How often each replica checks the database (health, clock offset, record count).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -569,7 +572,10 @@ impl Inner {
         };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!("the database did not answer within {:?}", self.timeout))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "the database did not answer within {}",
+                humantime::format_duration(self.timeout)
+            ))),
         }
     }
 
