@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let encoded = prost::Message::encode_to_vec(&descriptors);
     std::fs::write(out_dir.join("coordinator_descriptor.bin"), encoded)?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // The service answers undecodable messages as bad input (see src/codec.rs).
+    tonic_prost_build::configure().codec_path("crate::codec::Codec").compile_fds(descriptors)?;
     Ok(())
 }

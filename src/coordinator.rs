@@ -27,6 +27,9 @@ pub enum Error {
     /// The request is malformed or out of bounds; nothing changed.
     #[error(transparent)]
     Invalid(#[from] InvalidInput),
+    /// The request is not a valid protobuf message (the codec's refusal); nothing changed.
+    #[error("the request is not a valid protobuf message: {0}")]
+    InvalidMessage(String),
     /// The state machine refused the command; nothing changed.
     #[error(transparent)]
     Rejected(Rejection),
@@ -115,7 +118,7 @@ impl<S: Store> Coordinator<S> {
             if let Some(notified) = notified.as_mut().as_pin_mut() {
                 notified.enable();
             }
-            let outcome = self.store.claim(namespace, key, now, claim, waiter.is_some()).await?;
+            let outcome = within(answer_by, self.store.claim(namespace, key, now, claim, waiter.is_some())).await?;
             let ClaimOutcome::InProgress { lease_expires_at, .. } = &outcome else {
                 return Ok(outcome);
             };
@@ -133,21 +136,27 @@ impl<S: Store> Coordinator<S> {
                         Some(answer_by) => tokio::time::sleep_until(answer_by).await,
                         None => std::future::pending().await,
                     }
-                } => {}
+                } => {
+                    // The call's deadline is near: answer with what was seen, rather than ask
+                    // the store again with no time left to wait for it.
+                    return Ok(outcome);
+                }
             }
             now = self.clock.now();
         }
     }
 
-    /// Stores the response; wakes Claims waiting for the key.
+    /// Stores the response; wakes Claims waiting for the key. Like every call here, it answers
+    /// [`Error::Unavailable`] at `answer_by` if the store has not answered by then.
     pub async fn complete(
         &self,
         namespace: &Namespace,
         key: &Key,
         complete: Complete,
+        answer_by: Option<Instant>,
     ) -> Result<CompleteOutcome, Error> {
         self.admit()?;
-        let outcome = self.store.complete(namespace, key, self.clock.now(), complete).await?;
+        let outcome = within(answer_by, self.store.complete(namespace, key, self.clock.now(), complete)).await?;
         // Also on a retried Complete: the first one may have stored the response and then lost
         // its call before waking anyone.
         self.wake(namespace, key);
@@ -155,25 +164,37 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// Extends (or shortens) the holder's lease; waiters re-arm their timers on the new end.
-    pub async fn renew(&self, namespace: &Namespace, key: &Key, renew: &Renew) -> Result<RenewOutcome, Error> {
+    pub async fn renew(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        renew: &Renew,
+        answer_by: Option<Instant>,
+    ) -> Result<RenewOutcome, Error> {
         self.admit()?;
-        let outcome = self.store.renew(namespace, key, self.clock.now(), renew).await?;
+        let outcome = within(answer_by, self.store.renew(namespace, key, self.clock.now(), renew)).await?;
         self.wake(namespace, key);
         Ok(outcome)
     }
 
     /// Gives the key back; wakes Claims waiting for it.
-    pub async fn release(&self, namespace: &Namespace, key: &Key, release: &Release) -> Result<(), Error> {
+    pub async fn release(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        release: &Release,
+        answer_by: Option<Instant>,
+    ) -> Result<(), Error> {
         self.admit()?;
-        self.store.release(namespace, key, self.clock.now(), release).await?;
+        within(answer_by, self.store.release(namespace, key, self.clock.now(), release)).await?;
         self.wake(namespace, key);
         Ok(())
     }
 
     /// Reads a key.
-    pub async fn lookup(&self, namespace: &Namespace, key: &Key) -> Result<KeyView, Error> {
+    pub async fn lookup(&self, namespace: &Namespace, key: &Key, answer_by: Option<Instant>) -> Result<KeyView, Error> {
         self.admit()?;
-        Ok(self.store.lookup(namespace, key, self.clock.now()).await?)
+        within(answer_by, self.store.lookup(namespace, key, self.clock.now())).await
     }
 
     /// Deletes up to `batch` expired records.
@@ -232,6 +253,23 @@ impl<S: Store> Coordinator<S> {
     /// How many keys have Claims waiting on them (for tests and metrics).
     pub fn waiting_keys(&self) -> usize {
         self.waiters.lock().len()
+    }
+}
+
+/// Awaits a store call, or fails with [`Error::Unavailable`] at `answer_by`: a caller whose
+/// deadline is near gets the contract's answer for an indeterminate call (retry it) instead of
+/// the transport's CANCELLED or DEADLINE_EXCEEDED. The store call is dropped there; whatever it
+/// had done stays done, as for any call that fails with UNAVAILABLE.
+async fn within<T>(
+    answer_by: Option<Instant>,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, Error> {
+    match answer_by {
+        None => Ok(call.await?),
+        Some(answer_by) => match tokio::time::timeout_at(answer_by, call).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(Error::Unavailable("the store did not answer within the call's deadline".to_owned())),
+        },
     }
 }
 

@@ -2,7 +2,8 @@
 //! storage to it over gRPC, so that each mutation runs once and every retry gets its response.
 //!
 //! The map, in reading order (each module uses only those above it):
-//! - [`pb`]: the generated protobuf and gRPC code, and the descriptor set for reflection.
+//! - [`pb`]: the generated protobuf and gRPC code, and the descriptor set for reflection;
+//!   [`codec`], the codec it uses (undecodable messages are bad input).
 //! - [`domain`]: validated values, the stored record and the pure key state machine.
 //! - [`clock`]: injected wall-clock time (system or manual).
 //! - [`config`]: command-line and environment configuration.
@@ -14,6 +15,7 @@
 //! - [`migrate`]: copies an embedded store into PostgreSQL.
 //! - [`bench`]: the load generator behind `idempotency-bench` (a client; nothing above uses it).
 
+pub mod codec;
 pub mod pb;
 
 pub mod domain;

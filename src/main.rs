@@ -4,16 +4,20 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use idempotency_coordinator::clock::Clock;
 use idempotency_coordinator::clock::SystemClock;
 use idempotency_coordinator::config::{Command, Config, LogFormat, MigrateArgs};
-use idempotency_coordinator::server;
+use idempotency_coordinator::server::{self, Stop};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
+    if let Err(error) = config.validate() {
+        // The same message format and exit code (2) as clap's own refusals.
+        Config::command().error(clap::error::ErrorKind::ValueValidation, error).exit();
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -63,15 +67,16 @@ async fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs the SIGTERM and SIGINT handlers now; the future completes on either signal.
-fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on either signal. SIGTERM
+/// (an orchestrator) drains after the drain delay; SIGINT (Ctrl-C at a terminal) at once.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = Stop> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     Ok(async move {
         tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
+            _ = terminate.recv() => Stop::Drain,
+            _ = interrupt.recv() => Stop::Now,
         }
     })
 }

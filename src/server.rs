@@ -1,9 +1,11 @@
 //! The server: opens the store, wires the coordinator service, health, reflection and the
 //! sweeper, serves until told to stop, then drains and flushes.
 //!
-//! Shutdown order: health turns NOT_SERVING and new calls are refused with SHUTTING_DOWN,
-//! waiting Claims answer at once, in-flight calls finish (bounded by the grace period), the
-//! sweeper stops, and the store flushes before `run` returns.
+//! Shutdown order: health turns NOT_SERVING at once; on [`Stop::Drain`] the server keeps serving
+//! every call for the drain delay, so that load balancers and health-checking clients route away
+//! before anything is refused; then new calls are refused with SHUTTING_DOWN, waiting Claims
+//! answer at once, connections get GOAWAY and the listener closes, in-flight calls finish
+//! (bounded by the grace period), the sweeper stops, and the store flushes before `run` returns.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -50,6 +53,15 @@ pub enum ServerError {
     Close(String),
 }
 
+/// How a stop signal asks the server to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Report NOT_SERVING, serve on for the drain delay, then drain (SIGTERM: an orchestrator).
+    Drain,
+    /// Report NOT_SERVING and drain at once (SIGINT: someone at a terminal, and tests).
+    Now,
+}
+
 /// How to serve an already-built coordinator.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -57,7 +69,9 @@ pub struct ServeOptions {
     pub sweep_interval: Duration,
     /// Index entries per sweep batch.
     pub sweep_batch: usize,
-    /// How long in-flight calls may take to finish after the stop signal.
+    /// After a [`Stop::Drain`], how long the server reports NOT_SERVING while still serving.
+    pub drain_delay: Duration,
+    /// How long in-flight calls may take to finish once draining starts.
     pub shutdown_grace: Duration,
     /// HTTP/2 streams (calls) one connection may have open at once.
     pub max_streams_per_connection: u32,
@@ -68,6 +82,7 @@ impl From<&Config> for ServeOptions {
         ServeOptions {
             sweep_interval: config.sweep_interval,
             sweep_batch: config.sweep_batch,
+            drain_delay: config.drain_delay,
             shutdown_grace: config.shutdown_grace,
             max_streams_per_connection: config.max_streams_per_connection,
         }
@@ -130,7 +145,7 @@ pub async fn run(
     listener: TcpListener,
     config: Config,
     clock: Arc<dyn Clock>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = Stop> + Send + 'static,
 ) -> Result<(), ServerError> {
     let coordinator = open(&config, clock).await?;
     let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -158,7 +173,7 @@ pub async fn serve<S: Store>(
     listener: TcpListener,
     coordinator: Arc<Coordinator<S>>,
     options: ServeOptions,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = Stop> + Send + 'static,
 ) -> Result<(), ServerError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::Serving).await;
@@ -197,10 +212,18 @@ pub async fn serve<S: Store>(
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
     let max_message = coordinator.limits().max_response_bytes + MESSAGE_OVERHEAD_BYTES;
+    // Requests may come gzip-compressed (some clients compress by default); the message limit
+    // applies to the decompressed size, so a small frame that inflates past it is refused with
+    // RESOURCE_EXHAUSTED before anything is decoded. Replies go out uncompressed: compressing
+    // every replay would cost more CPU than the bytes it saves on the networks this runs on.
     let coordinator_service =
         pb::coordinator_server::CoordinatorServer::new(CoordinatorService::new(Arc::clone(&coordinator)))
+            .accept_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
+    let health_service = health_service.accept_compressed(CompressionEncoding::Gzip);
+    let reflection_v1 = reflection_v1.accept_compressed(CompressionEncoding::Gzip);
+    let reflection_v1alpha = reflection_v1alpha.accept_compressed(CompressionEncoding::Gzip);
 
     let draining = CancellationToken::new();
     let drain_signal = {
@@ -208,11 +231,19 @@ pub async fn serve<S: Store>(
         let stop_background = stop_background.clone();
         let coordinator = Arc::clone(&coordinator);
         let reporter = reporter.clone();
+        let drain_delay = options.drain_delay;
         async move {
-            shutdown.await;
+            let stop = shutdown.await;
+            set_health(&reporter, ServingStatus::NotServing).await;
+            if stop == Stop::Drain && !drain_delay.is_zero() {
+                tracing::info!(
+                    delay = %humantime::format_duration(drain_delay),
+                    "stopping: reporting NOT_SERVING and serving on so that balancers route away first"
+                );
+                tokio::time::sleep(drain_delay).await;
+            }
             tracing::info!("draining: refusing new calls, finishing in-flight ones");
             stop_background.cancel();
-            set_health(&reporter, ServingStatus::NotServing).await;
             coordinator.drain();
             draining.cancel();
         }

@@ -56,8 +56,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                 owner: Owner::parse(&request.owner)?,
                 new_lease_token: LeaseToken::generate(),
             };
-            let answer_by = deadline.map(|deadline| tokio::time::Instant::now() + answer_within(deadline));
-            let outcome = self.coordinator.claim(&namespace, &key, &claim, wait, answer_by).await?;
+            let outcome = self.coordinator.claim(&namespace, &key, &claim, wait, answer_by(deadline)).await?;
             let (name, outcome) = match outcome {
                 ClaimOutcome::Acquired(grant) => (
                     if grant.takeover { "acquired_takeover" } else { "acquired" },
@@ -101,6 +100,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<GrpcResponse<pb::CompleteResponse>, Status> {
+        let deadline = grpc_timeout(&request);
         let request = request.into_inner();
         let span = tracing::info_span!("complete", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
         async move {
@@ -111,8 +111,10 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                 .map(|retention| limits.retention(Some(retention), retention))
                 .transpose()?;
             let response = limits.response(domain_response(request.response.unwrap_or_default()))?;
-            let outcome =
-                self.coordinator.complete(&namespace, &key, Complete { lease_token, response, retention }).await?;
+            let outcome = self
+                .coordinator
+                .complete(&namespace, &key, Complete { lease_token, response, retention }, answer_by(deadline))
+                .await?;
             tracing::Span::current()
                 .record("outcome", if outcome.already_completed { "already_completed" } else { "completed" });
             tracing::debug!("answered");
@@ -129,6 +131,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
     }
 
     async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<GrpcResponse<pb::RenewResponse>, Status> {
+        let deadline = grpc_timeout(&request);
         let request = request.into_inner();
         let span = tracing::info_span!("renew", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
         async move {
@@ -136,7 +139,10 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
             let limits = self.coordinator.limits();
             let lease_token = LeaseToken::parse(&request.lease_token)?;
             let lease_ttl = limits.lease_ttl(duration(request.lease_ttl, lease_ttl_error(limits))?)?;
-            let outcome = self.coordinator.renew(&namespace, &key, &Renew { lease_token, lease_ttl }).await?;
+            let outcome = self
+                .coordinator
+                .renew(&namespace, &key, &Renew { lease_token, lease_ttl }, answer_by(deadline))
+                .await?;
             tracing::Span::current().record("outcome", "renewed");
             tracing::debug!("answered");
             Ok(GrpcResponse::new(pb::RenewResponse {
@@ -150,12 +156,13 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
     }
 
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<GrpcResponse<pb::ReleaseResponse>, Status> {
+        let deadline = grpc_timeout(&request);
         let request = request.into_inner();
         let span = tracing::info_span!("release", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
         async move {
             let (namespace, key) = address(&request.namespace, &request.key)?;
             let lease_token = LeaseToken::parse(&request.lease_token)?;
-            self.coordinator.release(&namespace, &key, &Release { lease_token }).await?;
+            self.coordinator.release(&namespace, &key, &Release { lease_token }, answer_by(deadline)).await?;
             tracing::Span::current().record("outcome", "released");
             tracing::debug!("answered");
             Ok(GrpcResponse::new(pb::ReleaseResponse {}))
@@ -166,11 +173,12 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<GrpcResponse<pb::LookupResponse>, Status> {
+        let deadline = grpc_timeout(&request);
         let request = request.into_inner();
         let span = tracing::info_span!("lookup", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
         async move {
             let (namespace, key) = address(&request.namespace, &request.key)?;
-            let view = self.coordinator.lookup(&namespace, &key).await?;
+            let view = self.coordinator.lookup(&namespace, &key, answer_by(deadline)).await?;
             let state = match view.state {
                 KeyState::InProgress => pb::KeyState::InProgress,
                 KeyState::LeaseExpired => pb::KeyState::LeaseExpired,
@@ -248,14 +256,22 @@ fn pb_response(response: Response) -> pb::Response {
     pb::Response { body: response.body, metadata: response.metadata.into_iter().collect() }
 }
 
-/// The call's deadline from its `grpc-timeout` header, if any.
+/// The call's deadline from its `grpc-timeout` header, if any. The gRPC spec allows at most
+/// eight digits and one of the units `H M S m u n`; any other value is treated as no deadline
+/// (the client's own timer still ends the call on its side).
 fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
-    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)
+}
+
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let amount: u64 = digits.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
         "S" => Duration::from_secs(amount),
         "m" => Duration::from_millis(amount),
         "u" => Duration::from_micros(amount),
@@ -264,8 +280,14 @@ fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
     })
 }
 
-/// How long a waiting Claim may wait within the call's `deadline`, leaving time to answer
-/// `in_progress` instead of letting the call fail with DEADLINE_EXCEEDED.
+/// When a call that arrived now with `deadline` must be answered: a little before the deadline,
+/// so that a waiting Claim answers `in_progress` and a call held up by a slow store answers
+/// UNAVAILABLE, instead of the call failing with DEADLINE_EXCEEDED or CANCELLED.
+fn answer_by(deadline: Option<Duration>) -> Option<tokio::time::Instant> {
+    deadline.and_then(|deadline| tokio::time::Instant::now().checked_add(answer_within(deadline)))
+}
+
+/// How long a call may take within its `deadline`, leaving time for the answer to travel.
 fn answer_within(deadline: Duration) -> Duration {
     let margin = (deadline / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
     deadline.saturating_sub(margin)
@@ -312,6 +334,7 @@ impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let (code, reason) = match &error {
             Error::Invalid(invalid) => (Code::InvalidArgument, invalid_reason(invalid)),
+            Error::InvalidMessage(_) => (Code::InvalidArgument, "INVALID_MESSAGE"),
             Error::Rejected(Rejection::FingerprintMismatch) => (Code::FailedPrecondition, "FINGERPRINT_MISMATCH"),
             Error::Rejected(Rejection::AlreadyCompleted) => (Code::FailedPrecondition, "ALREADY_COMPLETED"),
             Error::Rejected(Rejection::LeaseLost) => (Code::Aborted, "LEASE_LOST"),
@@ -407,6 +430,14 @@ mod tests {
         assert_eq!(with("250m"), Some(Duration::from_millis(250)));
         assert_eq!(with("2M"), Some(Duration::from_secs(120)));
         assert_eq!(with("x"), None);
+        assert_eq!(with("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
+        // The spec allows eight digits at most; longer values are no deadline, never a panic.
+        assert_eq!(with("9223372036854775807S"), None);
+        assert_eq!(with("18446744073709551615S"), None);
+        assert_eq!(with("123456789m"), None);
+        assert_eq!(with("+5S"), None);
+        assert_eq!(with("S"), None);
+        assert_eq!(with("5s"), None);
         assert_eq!(grpc_timeout(&Request::new(())), None);
     }
 

@@ -447,13 +447,52 @@ async fn a_full_store_refuses_new_keys_and_serves_existing_ones(backend: Backend
 async fn a_full_store_makes_room_from_expired_records_without_waiting_for_the_sweeper(backend: Backend) {
     let server = TestServer::start_on_with(backend, |config| config.max_records = 1).await;
     let mut client = server.client().await;
-    let request = pb::ClaimRequest { lease_ttl: Some(secs(1)), retention: Some(secs(1)), ..claim_request("old", b"") };
+    // Expires 1.3 s from now: a retention after its lease ends, within a second, not on one.
+    let request =
+        pb::ClaimRequest { lease_ttl: Some(millis(300)), retention: Some(secs(1)), ..claim_request("old", b"") };
     acquired(client.claim(request).await.unwrap().into_inner());
     let status = client.claim(claim_request("new", b"")).await.unwrap_err();
     assert_status(&status, Code::ResourceExhausted, "STORE_FULL");
-    server.advance(Duration::from_secs(1));
+    server.advance(Duration::from_millis(1_299));
+    let status = client.claim(claim_request("new", b"")).await.unwrap_err();
+    assert_status(&status, Code::ResourceExhausted, "STORE_FULL");
+    // The moment it expired, it makes room: no waiting for the sweeper, nor for the second to end.
+    server.advance(Duration::from_millis(1));
     claim_acquired(&mut client, "new").await;
     assert_eq!(server.record_count().await, 1);
+}
+
+async fn a_lapsed_lease_stays_visible_for_a_retention_after_it_ends(backend: Backend) {
+    let server = TestServer::start_on(backend).await;
+    let mut client = server.client().await;
+    // Retention no longer than the lease: the lapse must still be reported, not forgotten.
+    let claim = |fingerprint: &[u8]| pb::ClaimRequest {
+        lease_ttl: Some(secs(1)),
+        retention: Some(secs(1)),
+        ..claim_request("lapsed", fingerprint)
+    };
+    let first = acquired(client.claim(claim(b"A")).await.unwrap().into_inner());
+    server.advance(Duration::from_millis(1_200));
+    assert_eq!(server.sweep().await.deleted, 0, "not expired: kept a retention after the lapse");
+    let view = client.lookup(lookup_request("lapsed")).await.unwrap().into_inner();
+    assert_eq!((view.state(), view.attempt), (pb::KeyState::LeaseExpired, 1));
+    assert_eq!(view.expires_at.unwrap().seconds, START.unix_millis() / 1000 + 2);
+    let status = client.claim(claim(b"B")).await.unwrap_err();
+    assert_status(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
+    let waiting = pb::ClaimRequest { wait: Some(secs(5)), ..claim(b"A") };
+    let second = acquired(client.claim(waiting).await.unwrap().into_inner());
+    assert_eq!((second.attempt, second.takeover), (2, true));
+    assert!(second.fencing_token > first.fencing_token);
+    // The new holder's lapse is kept a retention too; after that the key is forgotten.
+    server.advance(Duration::from_millis(1_999));
+    let view = client.lookup(lookup_request("lapsed")).await.unwrap().into_inner();
+    assert_eq!((view.state(), view.attempt), (pb::KeyState::LeaseExpired, 2));
+    server.advance(Duration::from_millis(1));
+    let status = client.lookup(lookup_request("lapsed")).await.unwrap_err();
+    assert_status(&status, Code::NotFound, "KEY_NOT_FOUND");
+    // The sweeper reclaims it within a second (the embedded store files records by the second).
+    server.advance(Duration::from_secs(1));
+    assert_eq!(server.sweep().await.deleted, 1);
 }
 
 async fn namespaces_keep_keys_apart_and_empty_means_default(backend: Backend) {
@@ -553,9 +592,9 @@ async fn invalid_input_is_refused_with_its_reason_and_changes_nothing(backend: B
     let info = tonic_types::StatusExt::get_details_error_info(&status).unwrap();
     assert_eq!(info.metadata.get("field").map(String::as_str), Some("fingerprint"));
     assert_eq!(info.metadata.get("limit").map(String::as_str), Some("64"));
-    // A response exactly at the limit is accepted.
+    // A response exactly at the limit is accepted: a body of 1 MiB - 4 bytes encodes to 1 MiB.
     let mut at_limit = complete_request("valid", &token, &[]);
-    at_limit.response = Some(pb::Response { body: vec![7; 1024 * 1024], metadata: Default::default() });
+    at_limit.response = Some(pb::Response { body: vec![7; 1024 * 1024 - 4], metadata: Default::default() });
     client.complete(at_limit).await.expect("a response at the limit is stored");
 }
 
@@ -570,6 +609,40 @@ async fn a_message_beyond_the_transport_limit_is_refused_and_changes_nothing(bac
     let status = client.complete(complete_request("big", &grant.lease_token, &[0; 1025])).await.unwrap_err();
     assert_status(&status, Code::InvalidArgument, "RESPONSE_TOO_LARGE");
     client.complete(complete_request("big", &grant.lease_token, &[0; 100])).await.expect("still serving");
+}
+
+/// The size limit counts a response as protobuf encodes it, so that a response within the limit
+/// always fits the transport's message limit, however it is made up (here: tens of thousands of
+/// tiny metadata entries, whose framing outweighs their text).
+async fn a_response_of_many_small_metadata_entries_is_judged_by_its_encoded_size(backend: Backend) {
+    use prost::Message;
+    let server = TestServer::start_on(backend).await;
+    let mut client = server.client().await;
+    let grant = claim_acquired(&mut client, "entries").await;
+    let before = server.digest().await;
+    // Each entry (6 + 1 bytes of text) encodes to 13 bytes.
+    let entries = |n: usize| pb::Response {
+        body: Vec::new(),
+        metadata: (0..n).map(|i| (format!("m{i:05}"), "v".to_owned())).collect(),
+    };
+    let mut request = complete_request("entries", &grant.lease_token, b"");
+    // 80,660 entries: 1,048,580 bytes, over the limit by 4.
+    request.response = Some(entries(80_660));
+    let status = client.complete(request.clone()).await.unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "RESPONSE_TOO_LARGE");
+    // 100,000 entries (700 kB of text) encode to 1.3 MB: beyond the transport's limit (the
+    // response limit + 64 KiB), refused before it is decoded.
+    request.response = Some(entries(100_000));
+    let status = client.complete(request.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(server.digest().await, before);
+    // 80,659 entries: 1,048,567 bytes, within the limit.
+    let at_limit = entries(80_659);
+    assert_eq!(at_limit.encoded_len(), 1_048_567);
+    request.response = Some(at_limit.clone());
+    client.complete(request).await.expect("a response within the limit is stored");
+    let replay = completed(client.claim(claim_request("entries", b"fp")).await.unwrap().into_inner());
+    assert_eq!(replay.response, Some(at_limit));
 }
 
 /// Runs every listed contract test against each store.
@@ -621,6 +694,8 @@ conformance!(
     sweeping_deletes_only_what_expired_in_batches,
     a_full_store_refuses_new_keys_and_serves_existing_ones,
     a_full_store_makes_room_from_expired_records_without_waiting_for_the_sweeper,
+    a_lapsed_lease_stays_visible_for_a_retention_after_it_ends,
+    a_response_of_many_small_metadata_entries_is_judged_by_its_encoded_size,
     namespaces_keep_keys_apart_and_empty_means_default,
     fencing_tokens_strictly_increase_across_takeovers_releases_and_sweeps,
     invalid_input_is_refused_with_its_reason_and_changes_nothing,

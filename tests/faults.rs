@@ -316,12 +316,15 @@ async fn workload_client(mut recorders: Vec<Recorder>, seed: u64, keys: u64, sta
         };
         old_tokens.push((key.clone(), token.clone()));
         let recorder = &mut recorders[second];
+        // Bodies of mixed sizes, across the size at which sled writes pages to blob files.
+        let mut body = format!("{key} by {token}").into_bytes();
+        body.resize(idempotency_coordinator::bench::body_size(&mut rng, body.len(), Some(200_000)), b'.');
         match rng.below(20) {
-            0..=12 => recorder.complete(&key, &token, format!("{key} by {token}").as_bytes()).await,
+            0..=12 => recorder.complete(&key, &token, &body).await,
             13..=15 => recorder.release(&key, &token).await,
             16..=17 => {
                 recorder.renew(&key, &token, lease_ms).await;
-                recorder.complete(&key, &token, format!("{key} by {token}").as_bytes()).await;
+                recorder.complete(&key, &token, &body).await;
             }
             _ => {} // abandoned: the lease lapses and someone takes over
         }
@@ -558,11 +561,11 @@ mod model {
     }
 
     impl Entry {
+        /// Retention after the last change; for a held key, retention after its lease ends.
         fn expires(&self) -> i64 {
-            let kept = self.updated + self.retention;
             match self.state {
-                State::Held { expires, .. } => kept.max(expires),
-                _ => kept,
+                State::Held { expires, .. } => expires.max(self.updated) + self.retention,
+                _ => self.updated + self.retention,
             }
         }
     }
@@ -938,8 +941,9 @@ async fn clock_steps_during_traffic_keep_p1_to_p3() {
 // ---------------------------------------------------------------------------------------------
 // Hostile input through a real HTTP/2 connection: bytes no generated client would send.
 
-/// Sends one gRPC call with a hand-made frame and returns its grpc-status.
-async fn raw_call(addr: std::net::SocketAddr, path: &str, frame: Vec<u8>, encoding: Option<&str>) -> i32 {
+/// Sends one gRPC call with a hand-made frame and extra headers; returns its status (code,
+/// message and details, `Code::Ok` for success).
+async fn raw_call(addr: std::net::SocketAddr, path: &str, frame: Vec<u8>, headers: &[(&str, &str)]) -> tonic::Status {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
@@ -949,17 +953,15 @@ async fn raw_call(addr: std::net::SocketAddr, path: &str, frame: Vec<u8>, encodi
         .uri(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
-    if let Some(encoding) = encoding {
-        request = request.header("grpc-encoding", encoding);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let (response, mut body) = client.send_request(request.body(()).unwrap(), false).unwrap();
     // The server may answer (an unknown method, say) and close the stream before the frame goes
     // out; sending then fails, and the answer below is what counts.
     let _ = body.send_data(bytes::Bytes::from(frame), true);
     let response = response.await.unwrap();
-    let status_of =
-        |headers: &http::HeaderMap| headers.get("grpc-status").map(|v| v.to_str().unwrap().parse::<i32>().unwrap());
-    if let Some(status) = status_of(response.headers()) {
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
         return status;
     }
     let mut body = response.into_body();
@@ -967,7 +969,8 @@ async fn raw_call(addr: std::net::SocketAddr, path: &str, frame: Vec<u8>, encodi
         let chunk = chunk.unwrap();
         body.flow_control().release_capacity(chunk.len()).unwrap();
     }
-    status_of(&body.trailers().await.unwrap().expect("trailers")).expect("a grpc-status")
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    tonic::Status::from_header_map(&trailers).expect("a grpc-status")
 }
 
 /// A gRPC length-prefixed frame.
@@ -978,48 +981,106 @@ fn frame(compressed: bool, declared_len: u32, payload: &[u8]) -> Vec<u8> {
     bytes
 }
 
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// The status code and the ErrorInfo reason ("" without one).
+fn code_and_reason(status: &tonic::Status) -> (tonic::Code, String) {
+    (status.code(), status.get_details_error_info().map(|info| info.reason).unwrap_or_default())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_frames_get_a_status_and_change_nothing() {
     use prost::Message;
+    use tonic::Code;
     let server = TestServer::start().await;
     let mut client = server.client().await;
     claim_acquired(&mut client, "existing").await;
     let before = server.digest().await;
     let claim = "/idempotency.v1.Coordinator/Claim";
-    let cases: Vec<(&str, Vec<u8>, Option<&str>, i32)> = vec![
-        // Not protobuf at all: the transport's decode error, INTERNAL (gRPC's code for it).
-        ("garbage bytes", frame(false, 7, &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]), None, 13),
+    let gzip_header = [("grpc-encoding", "gzip")];
+    // 16 MiB of zeros: a few KiB compressed, far past the 1 MiB + 64 KiB message limit inflated.
+    let bomb = gzip(&vec![0u8; 16 << 20]);
+    let mut invalid_utf8 = claim_request("k", b"fp").encode_to_vec();
+    let at = invalid_utf8.iter().position(|b| *b == b'k').unwrap();
+    invalid_utf8[at] = 0xff;
+    type Case<'a> = (&'a str, Vec<u8>, &'a [(&'a str, &'a str)], Code, &'a str);
+    let cases: Vec<Case> = vec![
+        // Not protobuf at all: bad input, with the reason for it.
+        ("garbage bytes", frame(false, 7, &[0xff; 7]), &[], Code::InvalidArgument, "INVALID_MESSAGE"),
         // Field 2 (key, a string) sent as a varint.
-        ("wrong wire type", frame(false, 2, &[0x10, 0x05]), None, 13),
-        // A frame that claims 100 MB: refused from its length alone.
-        ("declared length beyond the limit", frame(false, 100 << 20, &[0; 16]), None, 11),
-        // Compressed (a possible compression bomb): the server accepts no compression.
+        ("wrong wire type", frame(false, 2, &[0x10, 0x05]), &[], Code::InvalidArgument, "INVALID_MESSAGE"),
         (
-            "gzip-compressed",
-            frame(true, 20, &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]),
-            Some("gzip"),
-            12,
+            "invalid UTF-8 in a string",
+            frame(false, invalid_utf8.len() as u32, &invalid_utf8),
+            &[],
+            Code::InvalidArgument,
+            "INVALID_MESSAGE",
         ),
+        // A frame that claims 100 MB: refused from its length alone.
+        ("declared length beyond the limit", frame(false, 100 << 20, &[0; 16]), &[], Code::OutOfRange, ""),
+        // A compression bomb: refused once the inflated size passes the limit.
+        ("gzip bomb", frame(true, bomb.len() as u32, &bomb), &gzip_header, Code::ResourceExhausted, ""),
+        // Compressed, but not gzip: the transport's error.
+        ("broken gzip", frame(true, 4, &[1, 2, 3, 4]), &gzip_header, Code::Internal, ""),
+        // An encoding the server does not accept.
+        ("zstd", frame(true, 4, &[1, 2, 3, 4]), &[("grpc-encoding", "zstd")], Code::Unimplemented, ""),
         // An empty message: every field at its default, so an empty key.
-        ("empty message", frame(false, 0, &[]), None, 3),
+        ("empty message", frame(false, 0, &[]), &[], Code::InvalidArgument, "INVALID_KEY"),
     ];
-    for (name, bytes, encoding, expected) in cases {
-        let status = raw_call(server.addr, claim, bytes, encoding).await;
-        assert_eq!(status, expected, "{name}");
+    for (name, bytes, headers, code, reason) in cases {
+        let status = raw_call(server.addr, claim, bytes, headers).await;
+        assert_eq!(code_and_reason(&status), (code, reason.to_owned()), "{name}: {status:?}");
     }
     assert_eq!(server.digest().await, before, "hostile frames changed the store");
 
     // Unknown fields are skipped, as protobuf requires: the call works.
     let mut payload = lookup_request("existing").encode_to_vec();
     payload.extend_from_slice(&[0xf8, 0x06, 0x01]); // field 111, varint 1
-    let status =
-        raw_call(server.addr, "/idempotency.v1.Coordinator/Lookup", frame(false, payload.len() as u32, &payload), None)
-            .await;
-    assert_eq!(status, 0);
+    let lookup = "/idempotency.v1.Coordinator/Lookup";
+    let status = raw_call(server.addr, lookup, frame(false, payload.len() as u32, &payload), &[]).await;
+    assert_eq!(status.code(), Code::Ok);
+    // A gzip-compressed request is served as any other.
+    let compressed = gzip(&lookup_request("existing").encode_to_vec());
+    let status = raw_call(server.addr, lookup, frame(true, compressed.len() as u32, &compressed), &gzip_header).await;
+    assert_eq!(status.code(), Code::Ok, "{status:?}");
     // An unknown method.
-    assert_eq!(raw_call(server.addr, "/idempotency.v1.Coordinator/Drop", frame(false, 0, &[]), None).await, 12);
+    let status = raw_call(server.addr, "/idempotency.v1.Coordinator/Drop", frame(false, 0, &[]), &[]).await;
+    assert_eq!(status.code(), Code::Unimplemented);
     // And the server still serves everyone else.
     in_progress(client.claim(claim_request("existing", b"fp")).await.unwrap().into_inner());
+}
+
+/// `grpc-timeout` values the spec does not allow (more than eight digits) or that would
+/// overflow a clock if added to it: answered like calls without a deadline, never a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_or_malformed_grpc_timeouts_are_answered_without_a_panic() {
+    use prost::Message;
+    // The binary, on the system clock, so that waits end.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(&dir.path().join("data"));
+    let mut client = server.client().await;
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
+    claim_acquired(&mut client, "held").await;
+    let claim = "/idempotency.v1.Coordinator/Claim";
+    for timeout in ["9223372036854775807S", "18446744073709551615S", "99999999H", "99999999S", "1x", "S", ""] {
+        // A fresh key (acquired), and the held key with a wait (answers at once: the wait is 1 ms).
+        let key = format!("fresh-{timeout}");
+        let payload = claim_request(&key, b"fp").encode_to_vec();
+        let status =
+            raw_call(addr, claim, frame(false, payload.len() as u32, &payload), &[("grpc-timeout", timeout)]).await;
+        assert_eq!(status.code(), tonic::Code::Ok, "grpc-timeout {timeout:?}: {status:?}");
+        let waiting = pb::ClaimRequest { wait: Some(millis(1)), ..claim_request("held", b"fp") }.encode_to_vec();
+        let status =
+            raw_call(addr, claim, frame(false, waiting.len() as u32, &waiting), &[("grpc-timeout", timeout)]).await;
+        assert_eq!(status.code(), tonic::Code::Ok, "grpc-timeout {timeout:?} on a wait: {status:?}");
+    }
+    // The server still serves.
+    in_progress(client.claim(claim_request("held", b"fp")).await.unwrap().into_inner());
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -1096,7 +1157,9 @@ async fn a_steady_load_with_sweeping_keeps_memory_and_disk_flat() {
         duration: Duration::from_secs(seconds),
         count: None,
         warmup: Duration::ZERO,
-        response_bytes: 500,
+        // Mixed sizes, across the size at which sled keeps a page in a blob file of its own.
+        response_bytes: 10,
+        response_bytes_max: Some(200_000),
         key_space: 100,
         seed: 3,
         mix: "20,70,10".to_owned(),
@@ -1142,6 +1205,91 @@ async fn a_steady_load_with_sweeping_keeps_memory_and_disk_flat() {
             assert!((*value as f64 - all).abs() <= all * 0.25, "disk swung to {value} around {all:.0}: {disk:?}");
         }
     }
+}
+
+/// Bodies from 10 B to 300 KB, the size of a response varying with every call, written by 16
+/// clients at once while the sweeper deletes what expired: sled writes pages larger than 128 KiB
+/// to blob files of their own, and creates and deletes them all the time under such a load.
+/// Every call succeeds and health stays SERVING throughout (a blob that sled deleted while a
+/// flush was syncing used to fail the flush, and with it the store, for a second at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_body_sizes_across_the_blob_threshold_cause_no_outage() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = ChildServer::start_with(&data, &["--default-retention", "1s", "--sweep-interval", "200ms"]);
+    let channel = Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let watcher = {
+        let seen = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = watch.message().await {
+                seen.lock().unwrap().push(message.status());
+            }
+        })
+    };
+    let until = Instant::now() + Duration::from_secs(6);
+    let writers: Vec<_> = (0..16u64)
+        .map(|writer| {
+            let mut client = CoordinatorClient::new(channel.clone());
+            tokio::spawn(async move {
+                let mut rng = Rng(writer);
+                let (mut flows, mut failures, mut blob_sized) = (0u64, Vec::new(), 0u64);
+                for attempt in 0.. {
+                    if Instant::now() >= until {
+                        break;
+                    }
+                    let key = format!("w{writer}-{attempt}");
+                    let request = pb::ClaimRequest { retention: Some(secs(1)), ..claim_request(&key, b"fp") };
+                    let grant = match client.claim(request).await.map(|reply| outcome(reply.into_inner())) {
+                        Ok(pb::claim_response::Outcome::Acquired(grant)) => grant,
+                        Ok(other) => {
+                            failures.push(format!("claim of a fresh key: {other:?}"));
+                            continue;
+                        }
+                        Err(status) => {
+                            failures.push(format!("claim: {:?} {:?}", status.code(), status.message()));
+                            continue;
+                        }
+                    };
+                    let size = idempotency_coordinator::bench::body_size(&mut rng, 10, Some(300_000));
+                    blob_sized += u64::from(size > 128 * 1024);
+                    let body = vec![(flows % 251) as u8; size];
+                    if let Err(status) = client.complete(complete_request(&key, &grant.lease_token, &body)).await {
+                        failures.push(format!("complete: {:?} {:?}", status.code(), status.message()));
+                    }
+                    flows += 1;
+                }
+                (flows, failures, blob_sized)
+            })
+        })
+        .collect();
+    let (mut flows, mut failures, mut blob_sized) = (0, Vec::new(), 0);
+    for writer in writers {
+        let (done, failed, large) = writer.await.unwrap();
+        flows += done;
+        blob_sized += large;
+        failures.extend(failed);
+    }
+    // What health reported while the load ran, before stopping turns it NOT_SERVING.
+    let health = seen.lock().unwrap().clone();
+    watcher.abort();
+    eprintln!("{flows} flows, {blob_sized} bodies over 128 KiB, {} failures, health {health:?}", failures.len());
+    assert!(flows > 100 && blob_sized > 0, "the load ran: {flows} flows, {blob_sized} large bodies");
+    assert!(
+        failures.is_empty(),
+        "{} calls failed, the first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(health, vec![ServingStatus::Serving], "health left SERVING under load");
 }
 
 /// A client that asks for large responses and never reads them: HTTP/2 flow control stops the
@@ -1223,6 +1371,33 @@ async fn postgres_schema() -> Option<(String, String)> {
     let Backend::Postgres(url) = Backend::postgres()? else { unreachable!() };
     drop_stale_schemas(&url).await;
     Some((url, test_schema()))
+}
+
+/// A call whose deadline passes while its row is locked in PostgreSQL (a slow transaction
+/// elsewhere) answers UNAVAILABLE STORE_UNAVAILABLE before the deadline, even though the store's
+/// own timeout (3 s) is longer; once the lock is gone the retry is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_deadline_passes_on_a_locked_row_answers_unavailable() {
+    let Some(backend) = Backend::postgres() else { return };
+    let _one_at_a_time = POSTGRES.lock().await;
+    let server = TestServer::start_on_with(backend, |config| config.postgres_timeout = Duration::from_secs(3)).await;
+    let mut client = server.client().await;
+    let grant = claim_acquired(&mut client, "locked").await;
+    let (url, schema) = (server.config.store.clone().unwrap(), server.config.postgres_schema.clone());
+    let (mut locker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let transaction = locker.transaction().await.unwrap();
+    transaction.execute(&format!("SELECT 1 FROM {schema}.records WHERE key = 'locked' FOR UPDATE"), &[]).await.unwrap();
+    let mut request = tonic::Request::new(complete_request("locked", &grant.lease_token, b"done"));
+    request.set_timeout(Duration::from_secs(1));
+    let status = client.complete(request).await.unwrap_err();
+    assert_eq!(
+        (status.code(), status.get_details_error_info().map(|info| info.reason)),
+        (tonic::Code::Unavailable, Some("STORE_UNAVAILABLE".to_owned())),
+        "{status:?}"
+    );
+    transaction.rollback().await.unwrap();
+    client.complete(complete_request("locked", &grant.lease_token, b"done")).await.expect("the retry is applied");
 }
 
 /// Starts `count` replicas on one schema at once (they race to migrate it), each with its own

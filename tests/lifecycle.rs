@@ -79,7 +79,8 @@ async fn fencing_survives_sweep_and_restart(backend: Backend) {
     request.retention = Some(secs(1));
     request.lease_ttl = Some(secs(1));
     let first = acquired(client.claim(request.clone()).await.unwrap().into_inner());
-    server.advance(Duration::from_secs(1));
+    // Kept a retention after its lease lapsed: gone 2 s after the claim.
+    server.advance(Duration::from_secs(2));
     assert_eq!(server.sweep().await.deleted, 1);
     server.restart().await;
     let mut client = server.client().await;
@@ -199,6 +200,32 @@ fn run_to_exit(data_dir: &Path) -> (bool, String) {
     (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
+/// A configuration the server cannot run with stops it before anything opens, with a message
+/// naming the flag and exit code 2, as clap's own refusals do (never a panic, a hang or exit 101).
+#[test]
+fn a_configuration_that_cannot_work_is_refused_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, named) in [
+        (&["--cache-mb", "0"][..], "--cache-mb"),
+        (&["--max-streams-per-connection", "0"], "--max-streams-per-connection"),
+        (&["--max-response-bytes", "18446744073709551615"], "--max-response-bytes"),
+        (&["--max-retention", "290000000years"], "--max-retention"),
+        (&["--default-lease-ttl", "2h"], "--default-lease-ttl"),
+    ] {
+        let output = Command::new(BINARY)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(args)
+            .output()
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    assert!(!dir.path().join("data").exists(), "nothing was opened");
+}
+
 #[test]
 fn a_locked_data_directory_stops_the_server_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
@@ -237,8 +264,13 @@ fn a_corrupt_data_directory_stops_the_server_instead_of_starting_empty() {
     assert_eq!(std::fs::read(data.join("conf")).unwrap(), b"this is not sled's configuration", "it overwrote the data");
 }
 
+/// The body stored for `key`: its name repeated to `size` bytes.
+fn body_of(key: &str, size: usize) -> Vec<u8> {
+    key.bytes().cycle().take(size).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_loses_no_acknowledged_change_and_sigterm_exits_cleanly() {
+async fn kill_9_loses_no_acknowledged_change_and_sigint_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = ChildServer::start(&data);
@@ -256,14 +288,18 @@ async fn kill_9_loses_no_acknowledged_change_and_sigterm_exits_cleanly() {
             let mut client = client.clone();
             let acknowledged = std::sync::Arc::clone(&acknowledged);
             tokio::spawn(async move {
+                let mut rng = idempotency_coordinator::bench::Rng(writer);
                 for i in 0.. {
                     let key = format!("w{writer}-{i}");
                     let Ok(reply) = client.claim(claim_request(&key, b"fp")).await else { return };
                     let grant = acquired(reply.into_inner());
-                    if client.complete(complete_request(&key, &grant.lease_token, key.as_bytes())).await.is_err() {
+                    // Bodies from a few bytes to 200 kB: across sled's blob threshold.
+                    let size = idempotency_coordinator::bench::body_size(&mut rng, 10, Some(200_000));
+                    let body = body_of(&key, size);
+                    if client.complete(complete_request(&key, &grant.lease_token, &body)).await.is_err() {
                         return;
                     }
-                    acknowledged.lock().unwrap().push((key, grant.fencing_token));
+                    acknowledged.lock().unwrap().push((key, grant.fencing_token, size));
                 }
             })
         })
@@ -281,9 +317,9 @@ async fn kill_9_loses_no_acknowledged_change_and_sigterm_exits_cleanly() {
     let server = ChildServer::start(&data);
     let mut client = server.client().await;
     let mut highest = 0;
-    for (key, fencing_token) in &acknowledged {
+    for (key, fencing_token, size) in &acknowledged {
         let replay = completed(client.claim(claim_request(key, b"fp")).await.unwrap().into_inner());
-        assert_eq!(replay.response.unwrap().body, key.as_bytes(), "{key}");
+        assert!(replay.response.unwrap().body == body_of(key, *size), "{key}: the body differs");
         assert_eq!(replay.fencing_token, *fencing_token);
         highest = highest.max(*fencing_token);
     }
@@ -300,9 +336,57 @@ async fn kill_9_loses_no_acknowledged_change_and_sigterm_exits_cleanly() {
     assert!(fresh.fencing_token > highest);
 
     let mut server = server;
-    server.signal("-TERM");
+    server.signal("-INT");
     let status = server.child.wait().unwrap();
-    assert!(status.success(), "SIGTERM exit: {status:?}");
+    assert!(status.success(), "SIGINT exit: {status:?}");
+}
+
+async fn health_check(addr: &str) -> Result<ServingStatus, tonic::Status> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+    let reply = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await?;
+    Ok(reply.into_inner().status())
+}
+
+/// What a load balancer needs from a rolling restart: on SIGTERM the server reports NOT_SERVING at
+/// once but keeps serving every call, on new connections too, for the drain delay; only then does
+/// it answer waiting Claims, refuse, close and exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_reports_not_serving_and_serves_on_through_the_drain_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::start_with(&dir.path().join("data"), &["--drain-delay", "2s"]);
+    let addr = server.addr.clone();
+    let mut client = server.client().await;
+    let held = claim_acquired(&mut client, "held").await;
+    let mut waiting_client = client.clone();
+    let waiting = tokio::spawn(async move {
+        waiting_client.claim(pb::ClaimRequest { wait: Some(secs(60)), ..claim_request("held", b"fp") }).await
+    });
+    assert_eq!(health_check(&addr).await.unwrap(), ServingStatus::Serving);
+
+    server.signal("-TERM");
+    let mut status = ServingStatus::Serving;
+    for _ in 0..200 {
+        status = health_check(&addr).await.expect("health answers during the drain delay");
+        if status == ServingStatus::NotServing {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(status, ServingStatus::NotServing);
+    // A client that has not noticed yet, on a new connection, is still served.
+    let mut late_client = server.client().await;
+    claim_acquired(&mut late_client, "during the delay").await;
+    client.complete(complete_request("held", &held.lease_token, b"done")).await.expect("served during the delay");
+    let replay = completed(waiting.await.unwrap().expect("the waiting claim is answered").into_inner());
+    assert_eq!(replay.response.unwrap().body, b"done");
+
+    let exit = tokio::task::spawn_blocking(move || server.child.wait().unwrap()).await.unwrap();
+    assert!(exit.success(), "SIGTERM exit: {exit:?}");
+    assert!(health_check(&addr).await.is_err(), "the server is gone");
 }
 
 /// A disk whose flushes wait until the test opens the gate, or fail once it says so.
@@ -371,12 +455,14 @@ async fn serve_on(
     let serve_options = ServeOptions {
         sweep_interval: Duration::from_secs(3600),
         sweep_batch: 100,
+        drain_delay: Duration::ZERO,
         shutdown_grace: Duration::from_secs(1),
         max_streams_per_connection: 256,
     };
     let task = tokio::spawn(async move {
         let _ = server::serve(listener, coordinator, serve_options, async move {
             let _ = stopped.await;
+            server::Stop::Now
         })
         .await;
     });
@@ -410,6 +496,36 @@ async fn replies_wait_until_what_they_report_is_on_disk() {
     acquired(claim.await.unwrap().unwrap().into_inner());
     let view = lookup.await.unwrap().expect("the lookup sees the claim once durable").into_inner();
     assert_eq!(view.state(), pb::KeyState::InProgress);
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+/// A call whose deadline comes while the store cannot answer (here a disk that does not finish
+/// its flush) gets the contract's answer for an indeterminate call, UNAVAILABLE
+/// STORE_UNAVAILABLE, shortly before its deadline: not the transport's CANCELLED or
+/// DEADLINE_EXCEEDED, whichever wins a race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_deadline_passes_on_a_stalled_disk_answers_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = TestDisk::default();
+    let (addr, stop, task) = serve_on(&disk, dir.path()).await;
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}")).await.unwrap();
+    let grant = claim_acquired(&mut client, "stalled").await;
+    disk.set(|s| s.closed = true);
+    let _open_on_exit = OpenOnDrop(disk.clone());
+    fn with_deadline<T>(message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(Duration::from_millis(500));
+        request
+    }
+    let status = client.claim(with_deadline(claim_request("new", b"fp"))).await.unwrap_err();
+    assert_status(&status, Code::Unavailable, "STORE_UNAVAILABLE");
+    let complete = complete_request("stalled", &grant.lease_token, b"done");
+    let status = client.complete(with_deadline(complete.clone())).await.unwrap_err();
+    assert_status(&status, Code::Unavailable, "STORE_UNAVAILABLE");
+    // Once the disk answers, the retried Complete is applied (or returns the first result).
+    disk.set(|s| s.closed = false);
+    client.complete(complete).await.expect("the retry succeeds");
     let _ = stop.send(());
     task.await.unwrap();
 }
@@ -487,6 +603,7 @@ fn bench_options(
         count: Some(300),
         warmup: Duration::ZERO,
         response_bytes: 500,
+        response_bytes_max: None,
         key_space: 50,
         seed: 7,
         mix: "20,70,10".to_owned(),

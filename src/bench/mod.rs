@@ -64,6 +64,10 @@ pub struct Options {
     /// Bytes of each stored response body.
     #[arg(long, default_value_t = 500)]
     pub response_bytes: usize,
+    /// With this, each flow's body takes between `--response-bytes` and this many bytes, drawn
+    /// evenly on a log scale: small and large bodies mixed, as real APIs store them.
+    #[arg(long)]
+    pub response_bytes_max: Option<usize>,
     /// Keys prepared for replay, lookup and mixed; hot keys for contention.
     #[arg(long, default_value_t = 10_000)]
     pub key_space: usize,
@@ -267,6 +271,14 @@ impl Rng {
     }
 }
 
+/// A body size between `min` and `max` (when given), evenly distributed on a log scale.
+pub fn body_size(rng: &mut Rng, min: usize, max: Option<usize>) -> usize {
+    let Some(max) = max.filter(|max| *max > min) else { return min };
+    let (low, high) = ((min.max(1) as f64).ln(), (max as f64).ln());
+    let fraction = rng.below(1 << 20) as f64 / f64::from(1u32 << 20);
+    ((low + (high - low) * fraction).exp() as usize).clamp(min, max)
+}
+
 const FINGERPRINT: [u8; 32] = [42; 32];
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -307,7 +319,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         wrong_answers: AtomicU64::new(0),
         holders: Mutex::new(HashMap::new()),
         run_id,
-        body: vec![b'x'; options.response_bytes],
+        body: vec![b'x'; options.response_bytes.max(options.response_bytes_max.unwrap_or(0))],
         options: options.clone(),
         mix,
     });
@@ -368,9 +380,10 @@ async fn prepare(clients: &[Client], shared: &Arc<Shared>) -> anyhow::Result<()>
                     }
                     let key = prepared_key(&shared.run_id, i);
                     match client.claim(&key, &FINGERPRINT, LEASE).await {
-                        Ok(Claimed::Acquired(token)) => {
-                            client.complete(&key, &token, &shared.body).await.map_err(|e| anyhow::anyhow!("{e}"))?
-                        }
+                        Ok(Claimed::Acquired(token)) => client
+                            .complete(&key, &token, &shared.body[..shared.options.response_bytes])
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{e}"))?,
                         other => bail!("preparing {key}: {other:?}"),
                     }
                 }
@@ -436,7 +449,9 @@ async fn worker(index: usize, mut client: Client, shared: Arc<Shared>) -> BTreeM
                     Ok(Claimed::Acquired(token)) => {
                         local.push(("claim", started.elapsed(), Ok(())));
                         let started = Instant::now();
-                        let completed = client.complete(&key, &token, &shared.body).await;
+                        let size =
+                            body_size(&mut rng, shared.options.response_bytes, shared.options.response_bytes_max);
+                        let completed = client.complete(&key, &token, &shared.body[..size]).await;
                         local.push(("complete", started.elapsed(), completed.clone()));
                         completed
                     }
@@ -455,7 +470,7 @@ async fn worker(index: usize, mut client: Client, shared: Arc<Shared>) -> BTreeM
                 let key = prepared_key(&shared.run_id, rng.below(shared.options.key_space as u64) as usize);
                 let started = Instant::now();
                 let result = match client.claim(&key, &FINGERPRINT, LEASE).await {
-                    Ok(Claimed::Completed(size)) if size == shared.body.len() => Ok(()),
+                    Ok(Claimed::Completed(size)) if size == shared.options.response_bytes => Ok(()),
                     Ok(other) => {
                         shared.wrong_answers.fetch_add(1, Ordering::Relaxed);
                         Err(format!("claim:{other:?}"))

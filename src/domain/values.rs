@@ -24,7 +24,7 @@ pub enum InvalidInput {
         max: usize,
     },
     /// The lease duration is outside the configured range.
-    #[error("lease_ttl must be between {min:?} and {max:?}")]
+    #[error("lease_ttl must be between {} and {}", human(*min), human(*max))]
     LeaseTtl {
         /// Shortest lease accepted.
         min: Duration,
@@ -32,7 +32,7 @@ pub enum InvalidInput {
         max: Duration,
     },
     /// The retention is outside the configured range.
-    #[error("retention must be between {min:?} and {max:?}")]
+    #[error("retention must be between {} and {}", human(*min), human(*max))]
     Retention {
         /// Shortest retention accepted.
         min: Duration,
@@ -40,7 +40,7 @@ pub enum InvalidInput {
         max: Duration,
     },
     /// The wait is negative or longer than allowed.
-    #[error("wait must be between 0s and {max:?}")]
+    #[error("wait must be between 0s and {}", human(*max))]
     Wait {
         /// Longest wait accepted.
         max: Duration,
@@ -68,6 +68,11 @@ pub enum InvalidInput {
         /// The limit in bytes.
         max: usize,
     },
+}
+
+/// A duration as every message and `ErrorInfo` limit writes it: `100ms`, `1h`, `30days`.
+pub fn human(duration: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(duration)
 }
 
 impl InvalidInput {
@@ -208,9 +213,16 @@ impl LeaseToken {
         LeaseToken(Uuid::new_v4())
     }
 
-    /// Validates a token as sent by a client.
+    /// Validates a token as sent by a client: exactly the text Claim returned (a UUID in its
+    /// canonical form, lowercase with hyphens). Other spellings of the same UUID (uppercase,
+    /// braces, no hyphens, `urn:uuid:`) are refused, so that a token has one spelling.
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
-        Uuid::try_parse(raw).map(LeaseToken).map_err(|_| InvalidInput::LeaseToken)
+        let uuid = Uuid::try_parse(raw).map_err(|_| InvalidInput::LeaseToken)?;
+        let mut canonical = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        if uuid.hyphenated().encode_lower(&mut canonical).as_bytes() != raw.as_bytes() {
+            return Err(InvalidInput::LeaseToken);
+        }
+        Ok(LeaseToken(uuid))
     }
 
     /// The token as a UUID, for storage.
@@ -303,9 +315,31 @@ pub struct Response {
 }
 
 impl Response {
-    /// Bytes counted against the size limit: the body plus every metadata key and value.
+    /// Bytes counted against the size limit: the response as protobuf encodes it (the message
+    /// `Response` of the contract), that is the body and every metadata key and value with the
+    /// few bytes of framing each carries (a field tag and a length; 2 to 4 bytes per body, key
+    /// or value, and 2 to 4 more per metadata entry). Counting the framing keeps the rule true on
+    /// the wire: a response within the limit always fits the transport's message limit, however
+    /// many small metadata entries it has.
     pub fn size(&self) -> usize {
-        self.body.len() + self.metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        // Field numbers 1 and 2 (and a map entry's 1 and 2) take one tag byte; empty fields are
+        // not encoded at all, as in proto3.
+        fn field(len: usize) -> usize {
+            if len == 0 { 0 } else { 1 + varint_len(len) + len }
+        }
+        fn varint_len(value: usize) -> usize {
+            let bits = usize::BITS - value.leading_zeros();
+            (bits.max(1) as usize).div_ceil(7)
+        }
+        let metadata: usize = self
+            .metadata
+            .iter()
+            .map(|(key, value)| {
+                let entry = field(key.len()) + field(value.len());
+                1 + varint_len(entry) + entry
+            })
+            .sum();
+        field(self.body.len()) + metadata
     }
 }
 
@@ -448,6 +482,18 @@ mod tests {
         check(LeaseToken::parse("not-a-token"), Some(InvalidInput::LeaseToken));
         check(LeaseToken::parse(""), Some(InvalidInput::LeaseToken));
         assert_eq!(format!("{token:?}"), "LeaseToken(..)");
+        // Only the canonical spelling Claim returns; other spellings of the same UUID are refused.
+        let text = "0c534701-0b44-40e8-9410-9df129f42390";
+        check(LeaseToken::parse(text), None);
+        for other in [
+            "0C534701-0B44-40E8-9410-9DF129F42390",
+            "{0c534701-0b44-40e8-9410-9df129f42390}",
+            "0c5347010b4440e894109df129f42390",
+            "urn:uuid:0c534701-0b44-40e8-9410-9df129f42390",
+            " 0c534701-0b44-40e8-9410-9df129f42390",
+        ] {
+            check(LeaseToken::parse(other), Some(InvalidInput::LeaseToken));
+        }
     }
 
     #[test]
@@ -477,9 +523,16 @@ mod tests {
         assert_eq!(limits.wait(None), Ok(Duration::ZERO));
         check(limits.wait(Some(Duration::from_secs(60))), None);
         check(limits.wait(Some(Duration::from_millis(60_001))), Some(InvalidInput::Wait { max: limits.max_wait }));
+        // Sizes are protobuf's encoded sizes: a tag and a length before each field and entry.
+        assert_eq!(Response::default().size(), 0);
+        assert_eq!(Response { body: b"abc".to_vec(), metadata: BTreeMap::new() }.size(), 5);
+        assert_eq!(Response { body: vec![0; 200], metadata: BTreeMap::new() }.size(), 203);
         let mut metadata = BTreeMap::new();
         metadata.insert("status".to_owned(), "201".to_owned());
-        let response = Response { body: vec![0; 1024 * 1024 - 9], metadata };
+        assert_eq!(Response { body: Vec::new(), metadata: metadata.clone() }.size(), 2 + 8 + 5);
+        metadata.insert(String::new(), String::new());
+        assert_eq!(Response { body: Vec::new(), metadata: metadata.clone() }.size(), 15 + 2, "an empty entry");
+        let response = Response { body: vec![0; 1024 * 1024 - 4], metadata: BTreeMap::new() };
         assert_eq!(response.size(), 1024 * 1024);
         check(limits.response(response.clone()), None);
         let mut too_large = response;
@@ -488,6 +541,17 @@ mod tests {
             limits.response(too_large),
             Some(InvalidInput::ResponseTooLarge { size: 1024 * 1024 + 1, max: 1024 * 1024 }),
         );
+    }
+
+    /// Messages write durations the way the ErrorInfo limit and the configuration do.
+    #[test]
+    fn messages_write_durations_in_one_human_format() {
+        let limits = Limits::default();
+        let lease = InvalidInput::LeaseTtl { min: limits.min_lease_ttl, max: limits.max_lease_ttl };
+        assert_eq!(lease.to_string(), "lease_ttl must be between 100ms and 1h");
+        let retention = InvalidInput::Retention { min: limits.min_retention, max: limits.max_retention };
+        assert_eq!(retention.to_string(), "retention must be between 1s and 30days");
+        assert_eq!(InvalidInput::Wait { max: limits.max_wait }.to_string(), "wait must be between 0s and 1m");
     }
 
     #[test]

@@ -158,6 +158,7 @@ impl TestServer {
         let options = ServeOptions::from(&self.config);
         self.task = Some(tokio::spawn(server::serve(listener, Arc::clone(&coordinator), options, async move {
             let _ = stopped.await;
+            server::Stop::Now
         })));
         self.coordinator = Some(coordinator);
         self.stop = Some(stop);
