@@ -1,0 +1,23 @@
+//! The core of the idempotency coordinator: everything that decides, and nothing that stores or
+//! speaks gRPC.
+//!
+//! The map, in reading order (each module uses only those above it):
+//! - [`domain`]: validated values, the stored [`Record`](domain::Record) and the pure key state
+//!   machine ([`domain::machine`]): given `now`, a key's record and a command, the new record and
+//!   the outcome. Every rule of the contract lives there once.
+//! - [`clock`]: injected wall-clock time (system, manual, offset).
+//! - [`store`]: the [`Store`](store::Store) trait every backend implements, with each method's
+//!   atomicity and durability, and [`StoreError`](store::StoreError).
+//! - [`coordinator`]: applies commands through a store at the clock's time; waits for held keys,
+//!   wakes waiters, drains.
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod domain;
+
+pub mod clock;
+pub mod store;
+
+pub mod coordinator;
+
+pub use coordinator::Coordinator;

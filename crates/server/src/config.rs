@@ -1,0 +1,369 @@
+//! Command-line and environment configuration, validated into typed values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::TypedValueParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use idempotency_core::domain::Limits;
+use idempotency_core::domain::values::human;
+use idempotency_store_postgres::{PostgresOptions, TimeSource};
+use idempotency_store_sled::{Durability, SledOptions};
+
+/// The idempotency coordinator: API instances claim idempotency keys here, and the stored
+/// response of each key's mutation is replayed to every retry.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Config {
+    /// Without a subcommand, the server runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Address to serve gRPC on.
+    #[arg(long, env = "IDEMPOTENCY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory of the embedded store; created if missing. Only one server may use it at a time.
+    #[arg(long, env = "IDEMPOTENCY_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// Keep records in PostgreSQL instead (postgres://user@host:port/database), shared by any
+    /// number of replicas. Unset: the embedded store in --data-dir.
+    #[arg(long, env = "IDEMPOTENCY_STORE")]
+    pub store: Option<String>,
+
+    /// PostgreSQL schema of the store's tables and functions; created and migrated on start.
+    /// Deployments sharing one database keep apart by using different schemas.
+    #[arg(long, env = "IDEMPOTENCY_POSTGRES_SCHEMA", default_value = "idempotency")]
+    pub postgres_schema: String,
+
+    /// PostgreSQL connections per replica (one more is used for LISTEN).
+    #[arg(long, env = "IDEMPOTENCY_POSTGRES_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000).map(usize::from))]
+    pub postgres_pool_size: usize,
+
+    /// The longest a call may spend on PostgreSQL (waiting for a connection, connecting, running
+    /// its statement) before it fails with UNAVAILABLE.
+    #[arg(long, env = "IDEMPOTENCY_POSTGRES_TIMEOUT", value_parser = duration, default_value = "5s")]
+    pub postgres_timeout: Duration,
+
+    /// Skews this process's clock by this many milliseconds (tests of clock skew between replicas).
+    #[arg(long, env = "IDEMPOTENCY_CLOCK_OFFSET_MS", default_value_t = 0, allow_hyphen_values = true, hide = true)]
+    pub clock_offset_ms: i64,
+
+    /// When a reply may report a change. strict: after it is fdatasync'ed (survives kill -9 and
+    /// power loss); relaxed: at once, written out within 500 ms (a crash may lose that much).
+    #[arg(long, env = "IDEMPOTENCY_DURABILITY", value_enum, default_value = "strict")]
+    pub durability: DurabilityFlag,
+
+    /// Claims of new keys fail with RESOURCE_EXHAUSTED STORE_FULL once this many records are
+    /// stored (expired records count until the sweeper deletes them).
+    #[arg(long, env = "IDEMPOTENCY_MAX_RECORDS", default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_records: u64,
+
+    /// Largest response Complete accepts, in bytes, as protobuf encodes it (body plus metadata
+    /// keys and values, with a few bytes of framing each); 1 to 64 MiB.
+    #[arg(long, env = "IDEMPOTENCY_MAX_RESPONSE_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_RESPONSE_BYTES_LIMIT).map(|n| n as usize))]
+    pub max_response_bytes: usize,
+
+    /// Lease granted when a Claim or Renew leaves lease_ttl unset.
+    #[arg(long, env = "IDEMPOTENCY_DEFAULT_LEASE_TTL", value_parser = duration, default_value = "30s")]
+    pub default_lease_ttl: Duration,
+
+    /// Shortest lease_ttl accepted.
+    #[arg(long, env = "IDEMPOTENCY_MIN_LEASE_TTL", value_parser = duration, default_value = "100ms")]
+    pub min_lease_ttl: Duration,
+
+    /// Longest lease_ttl accepted.
+    #[arg(long, env = "IDEMPOTENCY_MAX_LEASE_TTL", value_parser = duration, default_value = "1h")]
+    pub max_lease_ttl: Duration,
+
+    /// How long a key is remembered after its last change when the Claim leaves retention unset.
+    #[arg(long, env = "IDEMPOTENCY_DEFAULT_RETENTION", value_parser = duration, default_value = "24h")]
+    pub default_retention: Duration,
+
+    /// Shortest retention accepted.
+    #[arg(long, env = "IDEMPOTENCY_MIN_RETENTION", value_parser = duration, default_value = "1s")]
+    pub min_retention: Duration,
+
+    /// Longest retention accepted.
+    #[arg(long, env = "IDEMPOTENCY_MAX_RETENTION", value_parser = duration, default_value = "30days")]
+    pub max_retention: Duration,
+
+    /// Longest wait a Claim may ask for.
+    #[arg(long, env = "IDEMPOTENCY_MAX_WAIT", value_parser = duration, default_value = "60s")]
+    pub max_wait: Duration,
+
+    /// How often the sweeper deletes records whose retention ended.
+    #[arg(long, env = "IDEMPOTENCY_SWEEP_INTERVAL", value_parser = duration, default_value = "1s")]
+    pub sweep_interval: Duration,
+
+    /// How many index entries the sweeper handles per batch before yielding to other work.
+    #[arg(long, env = "IDEMPOTENCY_SWEEP_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize))]
+    pub sweep_batch: usize,
+
+    /// sled's page cache, in MiB (1 to 1048576).
+    #[arg(long, env = "IDEMPOTENCY_CACHE_MB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub cache_mb: u64,
+
+    /// Calls one HTTP/2 connection may have in flight; more wait in the client. Bounds what one
+    /// connection can pin in memory (a client that stops reading holds one response per call).
+    #[arg(long, env = "IDEMPOTENCY_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+
+    /// On SIGTERM, how long the server keeps serving every call while health reports
+    /// NOT_SERVING, so that load balancers and clients route away before anything is refused.
+    /// SIGINT (Ctrl-C) skips it.
+    #[arg(long, env = "IDEMPOTENCY_DRAIN_DELAY", value_parser = duration, default_value = "5s")]
+    pub drain_delay: Duration,
+
+    /// Once draining (after the drain delay), how long in-flight calls may take to finish before
+    /// the server exits.
+    #[arg(long, env = "IDEMPOTENCY_SHUTDOWN_GRACE", value_parser = duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
+
+    /// Log format on stderr; the level is set by RUST_LOG (default: info).
+    #[arg(long, env = "IDEMPOTENCY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// The largest `--max-response-bytes` accepted (64 MiB): the transport holds a whole message in
+/// memory, and gRPC's own default limit is 4 MiB.
+const MAX_RESPONSE_BYTES_LIMIT: i64 = 64 * 1024 * 1024;
+
+/// The longest duration any flag accepts. Times a record carries (now, plus a lease, plus a
+/// retention) then stay far inside what `google.protobuf.Timestamp` can express (year 9999).
+const LONGEST_DURATION: Duration = Duration::from_secs(100 * 31_557_600); // humantime's years of 365.25 days
+
+/// Parses a duration flag in human units (`250ms`, `30s`, `24h`, `30days`), at most 100 years.
+fn duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if duration > LONGEST_DURATION {
+        return Err("at most 100years".to_owned());
+    }
+    Ok(duration)
+}
+
+/// What to run instead of the server.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Copy every live record of an embedded store into PostgreSQL (safe to re-run), to move a
+    /// single server to replicas on PostgreSQL. Stop the server that uses the directory first.
+    Migrate(MigrateArgs),
+}
+
+/// Where `migrate` copies from and to.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The embedded store's data directory.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The PostgreSQL store: postgres://user@host:port/database.
+    #[arg(long)]
+    pub to: String,
+    /// The PostgreSQL schema (as --postgres-schema of the servers that will use it).
+    #[arg(long, default_value = "idempotency")]
+    pub schema: String,
+}
+
+/// Where records are kept, with the options the store opens with.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    /// The embedded sled store.
+    Sled(SledOptions),
+    /// PostgreSQL.
+    Postgres(PostgresOptions),
+}
+
+/// `--durability`: when a reply may report a change (the embedded store's [`Durability`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityFlag {
+    /// After the change is fdatasync'ed with its batch.
+    Strict,
+    /// At once; written out within 500 ms.
+    Relaxed,
+}
+
+impl From<DurabilityFlag> for Durability {
+    fn from(flag: DurabilityFlag) -> Self {
+        match flag {
+            DurabilityFlag::Strict => Durability::Strict,
+            DurabilityFlag::Relaxed => Durability::Relaxed,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A configuration that contradicts itself.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// The request bounds, checked for consistency.
+    pub fn limits(&self) -> Result<Limits, ConfigError> {
+        let limits = Limits {
+            min_lease_ttl: self.min_lease_ttl,
+            max_lease_ttl: self.max_lease_ttl,
+            default_lease_ttl: self.default_lease_ttl,
+            min_retention: self.min_retention,
+            max_retention: self.max_retention,
+            default_retention: self.default_retention,
+            max_wait: self.max_wait,
+            max_response_bytes: self.max_response_bytes,
+        };
+        let ordered = |flags: &str, min: Duration, default: Duration, max: Duration| {
+            if min < Duration::from_millis(1) || min > default || default > max {
+                Err(ConfigError(format!(
+                    "{flags}: need 1ms <= min ({}) <= default ({}) <= max ({})",
+                    human(min),
+                    human(default),
+                    human(max)
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        ordered(
+            "--min-lease-ttl, --default-lease-ttl, --max-lease-ttl",
+            limits.min_lease_ttl,
+            limits.default_lease_ttl,
+            limits.max_lease_ttl,
+        )?;
+        ordered(
+            "--min-retention, --default-retention, --max-retention",
+            limits.min_retention,
+            limits.default_retention,
+            limits.max_retention,
+        )?;
+        if self.sweep_interval.is_zero() {
+            return Err(ConfigError("--sweep-interval must be above zero".to_owned()));
+        }
+        Ok(limits)
+    }
+
+    /// Checks everything the flags' own parsers cannot: limits that must agree with each other,
+    /// and the store URL. The server runs only on a configuration that passes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.limits()?;
+        self.store_choice()?;
+        if self.postgres_timeout < Duration::from_millis(1) || self.postgres_timeout > Duration::from_secs(3600) {
+            return Err(ConfigError("--postgres-timeout must be between 1ms and 1h".to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The store the server runs on, and the options it opens with.
+    pub fn store_choice(&self) -> Result<StoreChoice, ConfigError> {
+        match &self.store {
+            None => Ok(StoreChoice::Sled(SledOptions {
+                path: self.data_dir.clone(),
+                durability: self.durability.into(),
+                max_records: self.max_records,
+                cache_capacity_bytes: self.cache_mb * 1024 * 1024,
+            })),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(StoreChoice::Postgres(PostgresOptions {
+                    url: url.clone(),
+                    schema: self.postgres_schema.clone(),
+                    pool_size: self.postgres_pool_size,
+                    timeout: self.postgres_timeout,
+                    max_records: self.max_records,
+                    time: TimeSource::Database,
+                }))
+            }
+            Some(other) => Err(ConfigError(format!(
+                "--store {other:?}: give a postgres://user@host:port/database URL, or leave it unset for the \
+                 embedded store in --data-dir"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("idempotency-coordinator").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(config.durability, DurabilityFlag::Strict);
+        assert_eq!(config.limits().unwrap(), Limits::default());
+    }
+
+    #[test]
+    fn durations_parse_in_human_units() {
+        let config = parse(&["--default-lease-ttl", "2m", "--max-wait", "1500ms", "--durability", "relaxed"]).unwrap();
+        assert_eq!(config.default_lease_ttl, Duration::from_secs(120));
+        assert_eq!(config.max_wait, Duration::from_millis(1500));
+        assert_eq!(config.durability, DurabilityFlag::Relaxed);
+        assert!(parse(&["--max-wait", "soon"]).is_err());
+    }
+
+    #[test]
+    fn the_store_is_sled_unless_a_postgres_url_is_given() {
+        let Ok(StoreChoice::Sled(sled)) = parse(&["--data-dir", "d", "--cache-mb", "2"]).unwrap().store_choice() else {
+            panic!("the embedded store")
+        };
+        assert_eq!((sled.path, sled.cache_capacity_bytes, sled.durability), ("d".into(), 2 << 20, Durability::Strict));
+        let url = "postgres://postgres@127.0.0.1:5432/app";
+        let Ok(StoreChoice::Postgres(postgres)) = parse(&["--store", url]).unwrap().store_choice() else {
+            panic!("PostgreSQL")
+        };
+        assert_eq!((postgres.url.as_str(), postgres.schema.as_str(), postgres.pool_size), (url, "idempotency", 16));
+        assert!(parse(&["--store", "mysql://x"]).unwrap().store_choice().is_err());
+        assert!(parse(&["--store", url, "--postgres-pool-size", "0"]).is_err());
+        let migrate = parse(&["migrate", "--from", "data", "--to", url]).unwrap();
+        let Some(Command::Migrate(args)) = migrate.command else { panic!("a migrate command") };
+        assert_eq!((args.from, args.to, args.schema.as_str()), ("data".into(), url.to_owned(), "idempotency"));
+    }
+
+    #[test]
+    fn contradictory_limits_are_refused() {
+        assert!(parse(&["--default-lease-ttl", "2h"]).unwrap().validate().is_err());
+        assert!(parse(&["--min-retention", "0s"]).unwrap().validate().is_err());
+        assert!(parse(&["--sweep-interval", "0s"]).unwrap().validate().is_err());
+        assert!(parse(&["--postgres-timeout", "2h"]).unwrap().validate().is_err());
+        assert!(parse(&[]).unwrap().validate().is_ok());
+    }
+
+    /// Values that the server cannot run with are refused when the flags are parsed (clap's
+    /// message and exit code 2), never by a panic or a hang later.
+    #[test]
+    fn values_that_would_break_the_server_are_refused_up_front() {
+        for args in [
+            &["--cache-mb", "0"][..],
+            &["--cache-mb", "18446744073709551615"],
+            &["--max-streams-per-connection", "0"],
+            &["--max-response-bytes", "18446744073709551615"],
+            &["--max-response-bytes", "0"],
+            &["--max-response-bytes", "67108865"],
+            &["--max-lease-ttl", "290000000years"],
+            &["--max-retention", "290000000years"],
+            &["--max-wait", "101years"],
+            &["--sweep-batch", "0"],
+            &["--max-records", "0"],
+            &["--postgres-pool-size", "100000"],
+        ] {
+            let error = parse(args).expect_err(&format!("{args:?} is refused"));
+            assert_eq!(error.exit_code(), 2, "{args:?}");
+        }
+        assert_eq!(parse(&["--max-response-bytes", "67108864"]).unwrap().max_response_bytes, 64 << 20);
+        assert_eq!(parse(&["--max-retention", "100years"]).unwrap().max_retention, LONGEST_DURATION);
+    }
+}

@@ -1,0 +1,27 @@
+//! The idempotency coordinator's server: API instances delegate idempotency-key ownership and
+//! response storage to it over gRPC, so that each mutation runs once and every retry gets its
+//! response.
+//!
+//! The map, in reading order (each module uses only those above it; the domain, the stores and
+//! the protocol are crates of their own):
+//! - [`config`]: command-line and environment configuration, converted into the core's and the
+//!   stores' types (only this module knows clap).
+//! - [`stores`]: [`AnyStore`](stores::AnyStore), the store the configuration chose.
+//! - [`service`]: the gRPC adapter and the one error-to-status mapping.
+//! - [`sweeper`]: deletes expired records in the background.
+//! - [`server`]: opens the store, wires everything, serves until told to stop, drains.
+//! - [`migrate`]: copies an embedded store into PostgreSQL.
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod config;
+pub mod stores;
+
+pub mod service;
+pub mod sweeper;
+
+pub mod server;
+
+pub mod migrate;
+
+pub use config::Config;

@@ -1,0 +1,315 @@
+//! The server: opens the store, wires the coordinator service, health, reflection and the
+//! sweeper, serves until told to stop, then drains and flushes.
+//!
+//! Shutdown order: health turns NOT_SERVING at once; on [`Stop::Drain`] the server keeps serving
+//! every call for the drain delay, so that load balancers and health-checking clients route away
+//! before anything is refused; then new calls are refused with SHUTTING_DOWN, waiting Claims
+//! answer at once, connections get GOAWAY and the listener closes, in-flight calls finish
+//! (bounded by the grace period), the sweeper stops, and the store flushes before `run` returns.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use idempotency_core::Coordinator;
+use idempotency_core::clock::{Clock, OffsetClock};
+use idempotency_core::store::Store;
+use idempotency_proto::{SERVICE_NAME, pb};
+use idempotency_store_postgres::{PostgresOpenError, PostgresStore};
+use idempotency_store_sled::{OpenError, SledStore};
+
+use crate::config::{Config, ConfigError, StoreChoice};
+use crate::service::CoordinatorService;
+use crate::stores::AnyStore;
+use crate::sweeper;
+
+/// Room for the fields around a response in a Complete message, beyond the response limit.
+const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration contradicts itself.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory could not be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The PostgreSQL store could not start.
+    #[error(transparent)]
+    Postgres(#[from] PostgresOpenError),
+    /// The transport failed.
+    #[error("serving failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The final flush failed: changes since the last acknowledged one may be lost.
+    #[error("closing the store failed: {0}")]
+    Close(String),
+}
+
+/// How a stop signal asks the server to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Report NOT_SERVING, serve on for the drain delay, then drain (SIGTERM: an orchestrator).
+    Drain,
+    /// Report NOT_SERVING and drain at once (SIGINT: someone at a terminal, and tests).
+    Now,
+}
+
+/// How to serve an already-built coordinator.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// How often the sweeper runs.
+    pub sweep_interval: Duration,
+    /// Index entries per sweep batch.
+    pub sweep_batch: usize,
+    /// After a [`Stop::Drain`], how long the server reports NOT_SERVING while still serving.
+    pub drain_delay: Duration,
+    /// How long in-flight calls may take to finish once draining starts.
+    pub shutdown_grace: Duration,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub max_streams_per_connection: u32,
+}
+
+impl From<&Config> for ServeOptions {
+    fn from(config: &Config) -> Self {
+        ServeOptions {
+            sweep_interval: config.sweep_interval,
+            sweep_batch: config.sweep_batch,
+            drain_delay: config.drain_delay,
+            shutdown_grace: config.shutdown_grace,
+            max_streams_per_connection: config.max_streams_per_connection,
+        }
+    }
+}
+
+/// Opens the store `config` chooses, reading time from `clock`: on PostgreSQL, decisions use
+/// the database's clock and `clock` only times waits, corrected by the measured offset.
+pub async fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<Coordinator<AnyStore>>, ServerError> {
+    open_store(config, config.store_choice()?, clock).await
+}
+
+/// As [`open`], but a PostgreSQL store reads time from `clock` too instead of the database's,
+/// so that tests can drive it with a manual clock (a test seam).
+#[cfg(feature = "testing")]
+pub async fn open_on_caller_time(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<Coordinator<AnyStore>>, ServerError> {
+    let mut choice = config.store_choice()?;
+    if let StoreChoice::Postgres(options) = &mut choice {
+        options.time = idempotency_store_postgres::TimeSource::Caller;
+    }
+    open_store(config, choice, clock).await
+}
+
+async fn open_store(
+    config: &Config,
+    choice: StoreChoice,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<Coordinator<AnyStore>>, ServerError> {
+    let limits = config.limits()?;
+    let clock: Arc<dyn Clock> = if config.clock_offset_ms == 0 {
+        clock
+    } else {
+        tracing::warn!(offset_ms = config.clock_offset_ms, "this process's clock is skewed on purpose");
+        Arc::new(OffsetClock::new(clock, Arc::new(config.clock_offset_ms.into())))
+    };
+    match choice {
+        StoreChoice::Sled(options) => {
+            let store = tokio::task::block_in_place(|| SledStore::open(&options))?;
+            Ok(Arc::new(Coordinator::new(AnyStore::Sled(store), clock, limits)))
+        }
+        StoreChoice::Postgres(options) => {
+            let database_time = options.time == idempotency_store_postgres::TimeSource::Database;
+            let offset = Arc::new(std::sync::atomic::AtomicI64::new(0));
+            let store = PostgresStore::open(&options, Arc::clone(&clock), Arc::clone(&offset)).await?;
+            let clock: Arc<dyn Clock> = if database_time { Arc::new(OffsetClock::new(clock, offset)) } else { clock };
+            Ok(Arc::new(Coordinator::new(AnyStore::Postgres(store), clock, limits)))
+        }
+    }
+}
+
+/// Opens the store of `config` and serves on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = Stop> + Send + 'static,
+) -> Result<(), ServerError> {
+    let coordinator = open(&config, clock).await?;
+    let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    match coordinator.store() {
+        AnyStore::Sled(_) => tracing::info!(
+            listen = %listen,
+            data_dir = %config.data_dir.display(),
+            durability = ?config.durability,
+            records = coordinator.store().record_count(),
+            "serving"
+        ),
+        AnyStore::Postgres(_) => tracing::info!(
+            listen = %listen,
+            store = "postgres",
+            schema = %config.postgres_schema,
+            records = coordinator.store().record_count(),
+            "serving"
+        ),
+    }
+    serve(listener, coordinator, ServeOptions::from(&config), shutdown).await
+}
+
+/// Serves `coordinator` on `listener` until `shutdown` completes, then drains and closes the store.
+pub async fn serve<S: Store>(
+    listener: TcpListener,
+    coordinator: Arc<Coordinator<S>>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = Stop> + Send + 'static,
+) -> Result<(), ServerError> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::Serving).await;
+    let stop_background = CancellationToken::new();
+    let health_watch =
+        tokio::spawn(follow_store_health(coordinator.store().health(), reporter.clone(), stop_background.clone()));
+    let sweeper =
+        sweeper::spawn(Arc::clone(&coordinator), options.sweep_interval, options.sweep_batch, stop_background.clone());
+    let wakeups = coordinator.store().wakeups().map(|mut wakeups| {
+        let coordinator = Arc::clone(&coordinator);
+        let stop = stop_background.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    wakeup = wakeups.recv() => match wakeup {
+                        Some(wakeup) => coordinator.wake_for(&wakeup),
+                        None => return,
+                    },
+                }
+            }
+        })
+    });
+
+    // The error-details descriptors let reflection clients (grpcurl) decode ErrorInfo.
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(idempotency_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(idempotency_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the embedded descriptor sets are valid");
+    let max_message = coordinator.limits().max_response_bytes + MESSAGE_OVERHEAD_BYTES;
+    // Requests may come gzip-compressed (some clients compress by default); the message limit
+    // applies to the decompressed size, so a small frame that inflates past it is refused with
+    // RESOURCE_EXHAUSTED before anything is decoded. Replies go out uncompressed: compressing
+    // every replay would cost more CPU than the bytes it saves on the networks this runs on.
+    let coordinator_service =
+        pb::coordinator_server::CoordinatorServer::new(CoordinatorService::new(Arc::clone(&coordinator)))
+            .accept_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+    let health_service = health_service.accept_compressed(CompressionEncoding::Gzip);
+    let reflection_v1 = reflection_v1.accept_compressed(CompressionEncoding::Gzip);
+    let reflection_v1alpha = reflection_v1alpha.accept_compressed(CompressionEncoding::Gzip);
+
+    let draining = CancellationToken::new();
+    let drain_signal = {
+        let draining = draining.clone();
+        let stop_background = stop_background.clone();
+        let coordinator = Arc::clone(&coordinator);
+        let reporter = reporter.clone();
+        let drain_delay = options.drain_delay;
+        async move {
+            let stop = shutdown.await;
+            set_health(&reporter, ServingStatus::NotServing).await;
+            if stop == Stop::Drain && !drain_delay.is_zero() {
+                tracing::info!(
+                    delay = %humantime::format_duration(drain_delay),
+                    "stopping: reporting NOT_SERVING and serving on so that balancers route away first"
+                );
+                tokio::time::sleep(drain_delay).await;
+            }
+            tracing::info!("draining: refusing new calls, finishing in-flight ones");
+            stop_background.cancel();
+            coordinator.drain();
+            draining.cancel();
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(options.max_streams_per_connection)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(coordinator_service)
+        .serve_with_incoming_shutdown(incoming(listener), drain_signal);
+    tokio::pin!(server);
+    let served = tokio::select! {
+        result = &mut server => result,
+        () = async { draining.cancelled().await; tokio::time::sleep(options.shutdown_grace).await } => {
+            tracing::warn!(grace = ?options.shutdown_grace, "in-flight calls outlived the grace period; closing anyway");
+            Ok(())
+        }
+    };
+    // Whatever ended serving (the signal, the grace period, a transport error), the background
+    // tasks stop and the store is flushed and closed.
+    draining.cancel();
+    stop_background.cancel();
+    coordinator.drain();
+    let _ = health_watch.await;
+    let _ = sweeper.await;
+    if let Some(wakeups) = wakeups {
+        let _ = wakeups.await;
+    }
+    let closed = coordinator.store().close().await.map_err(|error| ServerError::Close(error.to_string()));
+    tracing::info!("stopped");
+    served?;
+    closed
+}
+
+/// Accepted connections with TCP_NODELAY: without it, Nagle's algorithm holds back the second
+/// write of a reply (headers, then body) until the client's delayed ACK, about 40 ms per call.
+/// Keepalive probes find dead clients' connections so they do not pile up.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Mirrors the store's ability to make changes durable into the health service.
+async fn follow_store_health(
+    mut healthy: tokio::sync::watch::Receiver<bool>,
+    reporter: HealthReporter,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = healthy.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let serving = *healthy.borrow_and_update();
+                if serving {
+                    tracing::info!("storage recovered; serving");
+                    set_health(&reporter, ServingStatus::Serving).await;
+                } else {
+                    tracing::error!("storage failing; reporting NOT_SERVING");
+                    set_health(&reporter, ServingStatus::NotServing).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! [`AnyStore`]: the store a server runs on, as its configuration chose.
+
+use idempotency_core::domain::{
+    Claim, ClaimOutcome, Complete, CompleteOutcome, Key, KeyView, Namespace, Release, Renew, RenewOutcome, Timestamp,
+};
+use idempotency_core::store::{Store, StoreError, SweepReport, Wakeup};
+use idempotency_store_postgres::PostgresStore;
+use idempotency_store_sled::SledStore;
+use tokio::sync::{mpsc, watch};
+
+/// The store a server runs on, chosen by its configuration.
+pub enum AnyStore {
+    /// The embedded sled store.
+    Sled(SledStore),
+    /// The PostgreSQL store shared by replicas.
+    Postgres(PostgresStore),
+}
+
+impl AnyStore {
+    /// The number of records, counted now (for PostgreSQL, `record_count` may lag a second).
+    pub async fn counted_records(&self) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Sled(store) => Ok(store.record_count()),
+            AnyStore::Postgres(store) => store.counted_records().await,
+        }
+    }
+
+    /// A digest of every stored record, to show that a call changed nothing (tests).
+    #[cfg(feature = "testing")]
+    pub async fn contents_digest(&self) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.contents_digest(),
+            AnyStore::Postgres(store) => store.contents_digest().await,
+        }
+    }
+}
+
+impl Store for AnyStore {
+    async fn claim(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Claim,
+        waiting: bool,
+    ) -> Result<ClaimOutcome, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.claim(namespace, key, now, command, waiting).await,
+            AnyStore::Postgres(store) => store.claim(namespace, key, now, command, waiting).await,
+        }
+    }
+
+    async fn complete(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: Complete,
+    ) -> Result<CompleteOutcome, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.complete(namespace, key, now, command).await,
+            AnyStore::Postgres(store) => store.complete(namespace, key, now, command).await,
+        }
+    }
+
+    async fn renew(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Renew,
+    ) -> Result<RenewOutcome, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.renew(namespace, key, now, command).await,
+            AnyStore::Postgres(store) => store.renew(namespace, key, now, command).await,
+        }
+    }
+
+    async fn release(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Release,
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.release(namespace, key, now, command).await,
+            AnyStore::Postgres(store) => store.release(namespace, key, now, command).await,
+        }
+    }
+
+    async fn lookup(&self, namespace: &Namespace, key: &Key, now: Timestamp) -> Result<KeyView, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.lookup(namespace, key, now).await,
+            AnyStore::Postgres(store) => store.lookup(namespace, key, now).await,
+        }
+    }
+
+    async fn sweep(&self, now: Timestamp, batch: usize) -> Result<SweepReport, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.sweep(now, batch).await,
+            AnyStore::Postgres(store) => store.sweep(now, batch).await,
+        }
+    }
+
+    fn record_count(&self) -> u64 {
+        match self {
+            AnyStore::Sled(store) => store.record_count(),
+            AnyStore::Postgres(store) => store.record_count(),
+        }
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        match self {
+            AnyStore::Sled(store) => store.health(),
+            AnyStore::Postgres(store) => store.health(),
+        }
+    }
+
+    fn wakeups(&self) -> Option<mpsc::UnboundedReceiver<Wakeup>> {
+        match self {
+            AnyStore::Sled(store) => store.wakeups(),
+            AnyStore::Postgres(store) => store.wakeups(),
+        }
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.close().await,
+            AnyStore::Postgres(store) => store.close().await,
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! One opening of the sled database: the stripe locks that make each key's read-decide-write
+//! atomic, the record limit, the writes in crash-safe order, and sweeping.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use idempotency_core::domain::{Record, RecordState, Timestamp, Transition};
+use idempotency_core::store::{StoreError, SweepReport};
+use parking_lot::Mutex;
+
+use crate::durable::durable_flush;
+use crate::fencing::FENCING_RESERVATION;
+use crate::fencing::FencingCounter;
+use crate::group_commit::GroupCommit;
+use crate::layout::{BODY_APART, Body, INDEX_PREFIX, RECORD_PREFIX, body_key, decode_stored, expiry_bucket, index_key};
+use crate::store::{Durability, FlushWrapper, OpenError, SledOptions};
+use crate::unavailable;
+
+/// Number of stripe locks; keys hash onto them.
+pub(crate) const STRIPES: usize = 1024;
+
+#[derive(Default)]
+pub(crate) struct Stripe {
+    /// The group-commit ticket of the latest write to any key of this stripe.
+    pub(crate) last_write: u64,
+}
+
+pub(crate) struct OpenDatabase {
+    pub(crate) db: sled::Db,
+    pub(crate) stripes: Box<[Mutex<Stripe>]>,
+    pub(crate) fencing: Mutex<FencingCounter>,
+    pub(crate) records: AtomicU64,
+    pub(crate) max_records: u64,
+    pub(crate) commit: Option<GroupCommit>,
+}
+
+/// How many expired records a Claim may sweep inline when the store is full.
+pub(crate) const INLINE_SWEEP_BATCH: usize = 64;
+
+impl OpenDatabase {
+    pub(crate) fn stripe(&self, record_key: &[u8]) -> &Mutex<Stripe> {
+        // FNV-1a: cheap and well spread; lock striping needs no cryptographic strength.
+        let hash =
+            record_key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+        &self.stripes[(hash % STRIPES as u64) as usize]
+    }
+
+    pub(crate) fn read(&self, record_key: &[u8], body: Body) -> Result<Option<Record>, StoreError> {
+        match self.db.get(record_key).map_err(unavailable)? {
+            None => Ok(None),
+            Some(bytes) => decode_stored(&self.db, record_key, &bytes, body).map(Some),
+        }
+    }
+
+    /// The atomic read-decide-write of one key; returns the outcome and the group-commit ticket
+    /// that must be durable before the outcome may be reported.
+    pub(crate) fn apply<T>(
+        &self,
+        record_key: &[u8],
+        now: Timestamp,
+        decide: impl FnOnce(&OpenDatabase, Option<&Record>) -> Result<Transition<T>, StoreError>,
+    ) -> Result<(T, u64), StoreError> {
+        let mut stripe = self.stripe(record_key).lock();
+        let current = self.read(record_key, Body::Load)?;
+        let transition = decide(self, current.as_ref())?;
+        let Some(record) = transition.write else {
+            return Ok((transition.outcome, stripe.last_write));
+        };
+        if current.is_none() {
+            self.reserve_record_slot(now).map_err(|error| self.write_failed(error))?;
+        }
+        if let Err(error) = self.write(record_key, current.as_ref(), record) {
+            if current.is_none() {
+                self.records.fetch_sub(1, Ordering::SeqCst);
+            }
+            return Err(self.write_failed(error));
+        }
+        stripe.last_write = self.commit.as_ref().map_or(0, GroupCommit::written);
+        Ok((transition.outcome, stripe.last_write))
+    }
+
+    /// Counts a new record in, or fails with `Full`. Expired records count until swept, so a
+    /// full store first sweeps a small batch inline (skipping keys locked by others) and retries.
+    pub(crate) fn reserve_record_slot(&self, now: Timestamp) -> Result<(), StoreError> {
+        let max_records = self.max_records;
+        let reserve = || {
+            self.records
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |count| (count < max_records).then_some(count + 1))
+                .is_ok()
+        };
+        if reserve() {
+            return Ok(());
+        }
+        self.sweep(now, INLINE_SWEEP_BATCH, LockWait::Skip, SweepReach::CurrentSecond)?;
+        if reserve() { Ok(()) } else { Err(StoreError::Full { max_records }) }
+    }
+
+    /// Passes `error` on; when sled refused a write, first stops the group commit, so that the
+    /// store turns unhealthy and the supervisor reopens it once the disk works again. sled refuses
+    /// every write after one of its own log writes failed (a full disk, say), and a flush with no
+    /// newer write pending still succeeds, so a failed write may be the only sign of it.
+    pub(crate) fn write_failed(&self, error: StoreError) -> StoreError {
+        if let (StoreError::Unavailable { .. }, Some(commit)) = (&error, &self.commit) {
+            commit.fail();
+        }
+        error
+    }
+
+    /// Writes a record, its response body (when completed) and its expiry index entry. Each sled
+    /// insert is atomic on its own; the order (new index entry, body, record, then removal of the
+    /// old entry) means a crash in between leaves at most a stale index entry, which the sweeper
+    /// recognises and drops, or a body that no record refers to yet, and never a record without
+    /// an entry or a completed record without its body. (sled's `apply_batch` would make this one
+    /// step, but it takes a process-wide write lock that serialises every write in the store.)
+    pub(crate) fn write(
+        &self,
+        record_key: &[u8],
+        previous: Option<&Record>,
+        mut record: Record,
+    ) -> Result<(), StoreError> {
+        let expires_at = record.expires_at();
+        let previous_expiry =
+            previous.map(Record::expires_at).filter(|previous| expiry_bucket(*previous) != expiry_bucket(expires_at));
+        if previous.is_none() || previous_expiry.is_some() {
+            self.db.insert(index_key(expires_at, record_key), &[]).map_err(unavailable)?;
+        }
+        let value = match &mut record.state {
+            RecordState::Completed { response, .. } => {
+                let body = std::mem::take(&mut response.body);
+                self.db.insert(body_key(record_key), body.as_ref()).map_err(unavailable)?;
+                let mut value = record.encode();
+                value.insert(0, BODY_APART);
+                value
+            }
+            RecordState::Held(_) | RecordState::Released { .. } => record.encode(),
+        };
+        self.db.insert(record_key, value).map_err(unavailable)?;
+        if let Some(previous_expiry) = previous_expiry {
+            self.db.remove(index_key(previous_expiry, record_key)).map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn wait_durable(&self, ticket: u64) -> Result<(), StoreError> {
+        match &self.commit {
+            Some(commit) if ticket > 0 => commit
+                .durable(ticket)
+                .await
+                .map_err(|_| StoreError::unavailable("the change could not be made durable")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes up to `batch` index entries that are due at `now`: expired records with their
+    /// entries, and stale entries alone. Blocking; the caller keeps it off the async workers.
+    ///
+    /// `reach` says how far it looks. [`SweepReach::Due`] (the sweeper) stops at `now`: every
+    /// bucket before it holds only expired records. [`SweepReach::CurrentSecond`] (a full store
+    /// making room) also looks into the bucket of the second that `now` falls in, where records
+    /// that expired a moment ago sit beside ones that have not, and leaves the latter alone.
+    pub(crate) fn sweep(
+        &self,
+        now: Timestamp,
+        batch: usize,
+        lock_wait: LockWait,
+        reach: SweepReach,
+    ) -> Result<SweepReport, StoreError> {
+        // The key is built directly, not through the bucket, so that `now` itself is not rounded up.
+        let through = match reach {
+            SweepReach::Due => now.unix_millis(),
+            SweepReach::CurrentSecond => expiry_bucket(now),
+        };
+        let mut end = vec![INDEX_PREFIX];
+        end.extend_from_slice(&((through.saturating_add(1) as u64) ^ (1 << 63)).to_be_bytes());
+        let mut report = SweepReport::default();
+        for entry in self.db.range([INDEX_PREFIX].as_slice()..end.as_slice()).keys() {
+            if report.scanned == batch {
+                report.more = true;
+                break;
+            }
+            let entry = entry.map_err(unavailable)?;
+            report.scanned += 1;
+            let record_key = &entry[9..];
+            let stripe = self.stripe(record_key);
+            let _stripe = match lock_wait {
+                LockWait::Wait => stripe.lock(),
+                LockWait::Skip => match stripe.try_lock() {
+                    Some(guard) => guard,
+                    None => continue,
+                },
+            };
+            match self.read(record_key, Body::Skip) {
+                Ok(Some(record)) => {
+                    let own_entry = index_key(record.expires_at(), record_key);
+                    if own_entry != *entry {
+                        // A stale entry. The record's own entry is normally there already; it is
+                        // missing only for records whose expiry a later release computes
+                        // differently (a held record is now kept a retention after its lease),
+                        // and then it is filed where the record now expires.
+                        if !self.db.contains_key(&own_entry).map_err(unavailable)? {
+                            self.db.insert(own_entry, &[]).map_err(unavailable)?;
+                        }
+                    } else if record.is_expired(now) {
+                        // The record goes first, then its body, then the entry: a crash in between
+                        // leaves a stale entry (and maybe the body), which the next sweep deletes.
+                        self.db.remove(record_key).map_err(unavailable)?;
+                        self.db.remove(body_key(record_key)).map_err(unavailable)?;
+                        self.records.fetch_sub(1, Ordering::SeqCst);
+                        report.deleted += 1;
+                    } else {
+                        // Only in the current second's bucket: not expired yet, so it stays indexed.
+                        continue;
+                    }
+                }
+                Ok(None) => {
+                    // A stale entry: the record is gone, and so must be a body that a crash in the
+                    // middle of deleting it left behind.
+                    self.db.remove(body_key(record_key)).map_err(unavailable)?;
+                }
+                Err(StoreError::Corrupt(reason)) => {
+                    // Leave the record for an operator; drop its entry so sweeping goes on.
+                    tracing::error!(%reason, "skipping an undecodable record while sweeping");
+                }
+                Err(error) => return Err(error),
+            }
+            self.db.remove(&*entry).map_err(unavailable)?;
+        }
+        Ok(report)
+    }
+}
+
+/// How far into the expiry index a sweep looks (see [`OpenDatabase::sweep`]).
+#[derive(Clone, Copy)]
+pub(crate) enum SweepReach {
+    Due,
+    CurrentSecond,
+}
+
+/// Whether a sweep waits for a busy key's lock or passes the key by.
+#[derive(Clone, Copy)]
+pub(crate) enum LockWait {
+    Wait,
+    Skip,
+}
+
+pub(crate) fn open_database(options: &SledOptions, wrap: &FlushWrapper) -> Result<OpenDatabase, OpenError> {
+    let path = options.path.clone();
+    let sled_error = |source| OpenError::Sled { path: path.clone(), source };
+    let flush_every_ms = match options.durability {
+        Durability::Strict => None,
+        Durability::Relaxed => Some(500),
+    };
+    let db = sled::Config::new()
+        .path(&path)
+        .cache_capacity(options.cache_capacity_bytes)
+        .flush_every_ms(flush_every_ms)
+        .open()
+        .map_err(sled_error)?;
+    let reserved = match db.get(FENCING_RESERVATION).map_err(sled_error)? {
+        None => 0,
+        Some(bytes) => read_u64(&bytes).ok_or_else(|| OpenError::Corrupt {
+            path: path.clone(),
+            reason: "the fencing token reservation is malformed".to_owned(),
+        })?,
+    };
+    let mut records = 0u64;
+    for entry in db.scan_prefix([RECORD_PREFIX]).keys() {
+        entry.map_err(sled_error)?;
+        records += 1;
+    }
+    let io_error = |source| OpenError::Io { path: path.clone(), source };
+    let commit = match options.durability {
+        Durability::Strict => {
+            Some(GroupCommit::start(wrap(durable_flush(db.clone(), &path).map_err(io_error)?)).map_err(io_error)?)
+        }
+        Durability::Relaxed => None,
+    };
+    Ok(OpenDatabase {
+        db,
+        stripes: (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect(),
+        // Start exactly at the reservation, so the first grant writes a new one above it.
+        fencing: Mutex::new(FencingCounter { last: reserved, reserved }),
+        records: AtomicU64::new(records),
+        max_records: options.max_records,
+        commit,
+    })
+}
+
+pub(crate) fn read_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
+}

@@ -1,0 +1,622 @@
+//! [`SledStore`]: the [`Store`] over one data directory, its options and errors, and what it
+//! offers beyond the trait (export for `migrate`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use idempotency_core::domain::machine;
+use idempotency_core::domain::{
+    Claim, ClaimOutcome, Complete, CompleteOutcome, FencingToken, Key, KeyView, Namespace, Record, Release, Renew,
+    RenewOutcome, Timestamp, Transition,
+};
+use idempotency_core::store::{Store, StoreError, SweepReport};
+use parking_lot::{Condvar, Mutex, RwLock};
+use tokio::sync::watch;
+
+use crate::database::{LockWait, OpenDatabase, SweepReach, open_database};
+use crate::group_commit::FlushFn;
+use crate::layout::{Body, RECORD_PREFIX, decode_stored, parse_record_key, record_key};
+use crate::supervisor::supervise;
+use crate::sweep_thread::{SweepThread, TRIM_AFTER_SWEEPING, return_freed_memory};
+use crate::unavailable;
+
+/// When a reply may report a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// After the change is written and fdatasync'ed with its batch: it survives kill -9, and power
+    /// loss on a disk that honours flushes.
+    Strict,
+    /// At once; sled writes changes out every 500 ms. A kill -9 or power loss may lose the last
+    /// half second of acknowledged changes.
+    Relaxed,
+}
+
+/// How to open a [`SledStore`].
+#[derive(Debug, Clone)]
+pub struct SledOptions {
+    /// The data directory; created if missing.
+    pub path: PathBuf,
+    /// When replies may report a change.
+    pub durability: Durability,
+    /// Claims of new keys fail past this many records.
+    pub max_records: u64,
+    /// sled's page cache size in bytes.
+    pub cache_capacity_bytes: u64,
+}
+
+/// Why a data directory could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// sled refused to open it: locked by another process, corrupt, or unwritable.
+    #[error("cannot open the data directory {path}: {source}")]
+    Sled {
+        /// The directory.
+        path: PathBuf,
+        /// sled's error.
+        source: sled::Error,
+    },
+    /// The directory holds data that cannot be read.
+    #[error("the data directory {path} holds unreadable data: {reason}")]
+    Corrupt {
+        /// The directory.
+        path: PathBuf,
+        /// What could not be read.
+        reason: String,
+    },
+    /// The flusher thread or a file needed for fdatasync could not be set up.
+    #[error("cannot set up durable writes in {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// One record read by [`SledStore::export`], with its namespace and key.
+pub type ExportedRecord = Result<(Namespace, Key, Record), StoreError>;
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // Without this, the supervisor thread would keep the database (and its directory lock)
+        // open after the last handle is gone.
+        self.stop_supervisor();
+    }
+}
+
+/// Wraps the durable flush of every opening of the store (a test seam for failing disks).
+pub(crate) type FlushWrapper = Arc<dyn Fn(FlushFn) -> FlushFn + Send + Sync>;
+
+/// The sled-backed [`Store`]. Cheap to share: the state lives behind one `Arc`.
+///
+/// With strict durability, a supervisor thread watches the group commit. After a failed flush
+/// (a full or failing disk) the open database keeps serving what is durable, while every change
+/// fails, and the supervisor probes the data directory every second. Once a probe write of 1 MiB
+/// is made durable, it closes the database and opens it again from disk, so that nothing written
+/// around the failed flush is trusted, and changes are accepted again.
+pub struct SledStore {
+    pub(crate) shared: Arc<StoreState>,
+}
+
+pub(crate) struct StoreState {
+    pub(crate) options: SledOptions,
+    pub(crate) wrap: FlushWrapper,
+    /// The open database; `None` only while the supervisor reopens it.
+    pub(crate) current: RwLock<Option<Arc<OpenDatabase>>>,
+    pub(crate) healthy: watch::Sender<bool>,
+    pub(crate) stopping: Mutex<bool>,
+    pub(crate) stop_signal: Condvar,
+    pub(crate) supervisor: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub(crate) sweeps: SweepThread,
+    /// Records swept since freed memory was last handed back to the system.
+    pub(crate) swept_since_trim: AtomicU64,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `options.path`. Never starts over on unreadable data.
+    pub fn open(options: &SledOptions) -> Result<SledStore, OpenError> {
+        Self::open_wrapped(options, Arc::new(|flush| flush))
+    }
+
+    /// Like [`SledStore::open`], with every durable flush (and the recovery probe) passed
+    /// through `wrap` first: a seam to inject slow or failing disks in tests.
+    #[cfg(feature = "testing")]
+    pub fn open_with_flush_wrapper(
+        options: &SledOptions,
+        wrap: impl Fn(FlushFn) -> FlushFn + Send + Sync + 'static,
+    ) -> Result<SledStore, OpenError> {
+        Self::open_wrapped(options, Arc::new(wrap))
+    }
+
+    fn open_wrapped(options: &SledOptions, wrap: FlushWrapper) -> Result<SledStore, OpenError> {
+        let inner = open_database(options, &wrap)?;
+        let shared = Arc::new(StoreState {
+            options: options.clone(),
+            wrap,
+            current: RwLock::new(Some(Arc::new(inner))),
+            healthy: watch::Sender::new(true),
+            stopping: Mutex::new(false),
+            stop_signal: Condvar::new(),
+            supervisor: Mutex::new(None),
+            sweeps: SweepThread::start(&options.path)?,
+            swept_since_trim: AtomicU64::new(0),
+        });
+        if options.durability == Durability::Strict {
+            let supervised = Arc::clone(&shared);
+            let thread = std::thread::Builder::new()
+                .name("sled-supervisor".to_owned())
+                .spawn(move || supervise(&supervised))
+                .map_err(|source| OpenError::Io { path: options.path.clone(), source })?;
+            *shared.supervisor.lock() = Some(thread);
+        }
+        Ok(SledStore { shared })
+    }
+
+    /// Tells the supervisor to stop; it lets go of the database within moments.
+    fn stop_supervisor(&self) {
+        *self.shared.stopping.lock() = true;
+        self.shared.stop_signal.notify_all();
+    }
+
+    /// The open database, or UNAVAILABLE during the moment it is being reopened.
+    pub(crate) fn inner(&self) -> Result<Arc<OpenDatabase>, StoreError> {
+        self.shared
+            .current
+            .read()
+            .clone()
+            .ok_or_else(|| StoreError::unavailable("the data directory is being reopened after a disk failure"))
+    }
+
+    /// Every stored record with its namespace and key (expired ones not yet swept included), and
+    /// the fencing token below which this store may have handed out tokens: what `migrate`
+    /// copies to PostgreSQL.
+    pub fn export(&self) -> Result<(impl Iterator<Item = ExportedRecord> + 'static, u64), StoreError> {
+        let inner = self.inner()?;
+        let db = inner.db.clone();
+        let records = inner.db.scan_prefix([RECORD_PREFIX]).map(move |entry| {
+            let (stored_key, value) = entry.map_err(unavailable)?;
+            let (namespace, key) = parse_record_key(&stored_key)
+                .ok_or_else(|| StoreError::Corrupt("a record key of unknown layout".to_owned()))?;
+            let record = decode_stored(&db, &stored_key, &value, Body::Load)?;
+            Ok((namespace, key, record))
+        });
+        let reserved = inner.fencing.lock().reserved;
+        Ok((records, reserved))
+    }
+
+    /// A digest of every stored byte (records, index and metadata), to show that a call
+    /// changed nothing. Reads the whole store: for tests, not for the hot path.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn contents_digest(&self) -> Result<u64, StoreError> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for entry in self.inner()?.db.iter() {
+            let (key, value) = entry.map_err(unavailable)?;
+            key.hash(&mut hasher);
+            value.hash(&mut hasher);
+        }
+        Ok(hasher.finish())
+    }
+
+    /// Runs `decide` on the key's record under its stripe lock, writes the new record if any, and
+    /// returns the outcome once everything it reports is durable.
+    ///
+    /// This runs on the async worker: sled's gets and inserts work in memory (sled's own
+    /// `sled-io` threads write its log, and the group-commit thread flushes), so it takes
+    /// microseconds. Moving it to `spawn_blocking` was measured to halve throughput (thread
+    /// hand-offs dominated the profile). The exception is a fencing reservation's flush, once per
+    /// 2^20 grants.
+    async fn update<T>(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        decide: impl FnOnce(&OpenDatabase, Option<&Record>) -> Result<Transition<T>, StoreError>,
+    ) -> Result<T, StoreError> {
+        let record_key = record_key(namespace, key);
+        let inner = self.inner()?;
+        let (outcome, ticket) = inner.apply(&record_key, now, decide)?;
+        inner.wait_durable(ticket).await?;
+        Ok(outcome)
+    }
+}
+
+impl Store for SledStore {
+    async fn claim(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Claim,
+        _waiting: bool,
+    ) -> Result<ClaimOutcome, StoreError> {
+        self.update(namespace, key, now, |inner, current| {
+            let mut drawn = Ok(FencingToken(0));
+            let transition = machine::claim(now, current, command, |floor| {
+                drawn = inner.next_fencing_token(floor);
+                // On failure the transition is discarded below; any token above the floor will do.
+                *drawn.as_ref().unwrap_or(&FencingToken(u64::MAX))
+            });
+            drawn?;
+            Ok(transition?)
+        })
+        .await
+    }
+
+    async fn complete(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: Complete,
+    ) -> Result<CompleteOutcome, StoreError> {
+        self.update(namespace, key, now, move |_, current| Ok(machine::complete(now, current, command)?)).await
+    }
+
+    async fn renew(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Renew,
+    ) -> Result<RenewOutcome, StoreError> {
+        self.update(namespace, key, now, |_, current| Ok(machine::renew(now, current, command)?)).await
+    }
+
+    async fn release(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+        now: Timestamp,
+        command: &Release,
+    ) -> Result<(), StoreError> {
+        self.update(namespace, key, now, |_, current| Ok(machine::release(now, current, command)?)).await
+    }
+
+    async fn lookup(&self, namespace: &Namespace, key: &Key, now: Timestamp) -> Result<KeyView, StoreError> {
+        self.update(namespace, key, now, move |_, current| {
+            Ok(Transition { write: None, outcome: machine::lookup(now, current)? })
+        })
+        .await
+    }
+
+    async fn sweep(&self, now: Timestamp, batch: usize) -> Result<SweepReport, StoreError> {
+        let inner = self.inner()?;
+        let shared = Arc::clone(&self.shared);
+        self.shared
+            .sweeps
+            .run(move || {
+                let report = inner.sweep(now, batch, LockWait::Wait, SweepReach::Due)?;
+                let deleted = shared.swept_since_trim.fetch_add(report.deleted as u64, Ordering::Relaxed);
+                if !report.more && deleted + report.deleted as u64 >= TRIM_AFTER_SWEEPING {
+                    shared.swept_since_trim.store(0, Ordering::Relaxed);
+                    return_freed_memory();
+                }
+                Ok(report)
+            })
+            .await
+            .ok_or_else(|| StoreError::unavailable("the store is closed"))?
+    }
+
+    fn record_count(&self) -> u64 {
+        self.shared.current.read().as_ref().map_or(0, |inner| inner.records.load(Ordering::SeqCst))
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        self.shared.healthy.subscribe()
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.stop_supervisor();
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || {
+            if let Some(supervisor) = shared.supervisor.lock().take() {
+                // A panicking supervisor already reported itself; closing goes on.
+                let _ = supervisor.join();
+            }
+            shared.sweeps.stop();
+            let Some(inner) = shared.current.read().clone() else {
+                return Err(StoreError::unavailable("closed while reopening after a disk failure"));
+            };
+            if let Some(commit) = &inner.commit {
+                commit.stop();
+            }
+            if !*shared.healthy.borrow() {
+                return Err(StoreError::unavailable("the last writes could not be made durable"));
+            }
+            inner.db.flush().map(drop).map_err(unavailable)
+        })
+        .await
+        .map_err(|error| StoreError::unavailable_because("the close task failed", error))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use idempotency_core::domain::{ApiResponse, RecordState};
+
+    use super::*;
+    use crate::fencing::FENCING_RESERVATION;
+    use crate::layout::{BODY_APART, body_key, expiry_bucket, index_key};
+
+    /// The nice value of this process's thread named `name`, read from /proc.
+    #[cfg(target_os = "linux")]
+    fn nice_of_thread(name: &str) -> Option<i64> {
+        // Other tests' threads come and go while this reads: a task that vanished is passed by.
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let task = task.path();
+            if std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim() == name) {
+                let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+                // Fields after the parenthesised command name; nice is field 19 of the line.
+                let after_name = stat.rsplit_once(')')?.1;
+                return after_name.split_whitespace().nth(16)?.parse().ok();
+            }
+        }
+        None
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn sweeps_run_on_a_thread_of_lower_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&SledOptions {
+            path: dir.path().join("data"),
+            durability: Durability::Strict,
+            max_records: 10,
+            cache_capacity_bytes: 1 << 20,
+        })
+        .unwrap();
+        let report = store.sweep(Timestamp::from_unix_millis(0), 10).await.unwrap();
+        assert_eq!(report.deleted, 0);
+        assert_eq!(nice_of_thread("sled-sweeper"), Some(10));
+        store.close().await.unwrap();
+    }
+
+    fn open_at(dir: &Path) -> SledStore {
+        SledStore::open(&SledOptions {
+            path: dir.join("data"),
+            durability: Durability::Strict,
+            max_records: 100,
+            cache_capacity_bytes: 1 << 20,
+        })
+        .unwrap()
+    }
+
+    fn claim_command(retention: Duration) -> Claim {
+        Claim {
+            fingerprint: idempotency_core::domain::Fingerprint::parse(b"fp").unwrap(),
+            lease_ttl: Duration::from_secs(30),
+            retention,
+            request_id: None,
+            owner: idempotency_core::domain::Owner::parse("test").unwrap(),
+            new_lease_token: idempotency_core::domain::LeaseToken::generate(),
+        }
+    }
+
+    fn response(body: &[u8]) -> ApiResponse {
+        ApiResponse { body: body.to_vec().into(), metadata: [("status".to_owned(), "201".to_owned())].into() }
+    }
+
+    /// Claims and completes `key` at `now` with `body`.
+    async fn complete_key(store: &SledStore, key: &Key, now: Timestamp, body: &[u8]) {
+        let namespace = Namespace::parse("ns").unwrap();
+        let claim = claim_command(Duration::from_secs(60));
+        store.claim(&namespace, key, now, &claim, false).await.unwrap();
+        let complete = Complete { lease_token: claim.new_lease_token, response: response(body), retention: None };
+        store.complete(&namespace, key, now, complete).await.unwrap();
+    }
+
+    async fn replayed_body(store: &SledStore, key: &Key, now: Timestamp) -> Vec<u8> {
+        let namespace = Namespace::parse("ns").unwrap();
+        match store.claim(&namespace, key, now, &claim_command(Duration::from_secs(60)), false).await.unwrap() {
+            ClaimOutcome::Completed(stored) => stored.response.body.to_vec(),
+            other => panic!("expected a replay, got {other:?}"),
+        }
+    }
+
+    const NOW: Timestamp = Timestamp::from_unix_millis(1_000_000);
+
+    /// A store in a fresh directory where `key` (namespace `ns`) was completed with `body` at
+    /// [`NOW`], and that key's record key.
+    async fn store_with_completed(key: &str, body: &[u8]) -> (tempfile::TempDir, SledStore, Key, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_at(dir.path());
+        let key = Key::parse(key).unwrap();
+        complete_key(&store, &key, NOW, body).await;
+        let record_key = record_key(&Namespace::parse("ns").unwrap(), &key);
+        (dir, store, key, record_key)
+    }
+
+    /// Sweeps two days after [`NOW`], when every test record has expired; returns how many
+    /// records were deleted.
+    async fn sweep_all(store: &SledStore) -> usize {
+        let later = Timestamp::from_unix_millis(NOW.unix_millis() + 2 * 86_400_000);
+        store.sweep(later, 100).await.unwrap().deleted
+    }
+
+    /// Every key in the store but the fencing reservation.
+    fn stored_keys(store: &SledStore) -> Vec<Vec<u8>> {
+        let inner = store.inner().unwrap();
+        let keys = inner.db.iter().keys().map(|key| key.unwrap().to_vec());
+        keys.filter(|key| key.as_slice() != FENCING_RESERVATION).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_sled_refused_turns_the_store_unhealthy_until_it_is_reopened() {
+        let (_dir, store, key, _) = store_with_completed("kept", b"kept body").await;
+        let mut health = store.health();
+        assert!(*health.borrow());
+        // What `apply` does when sled refuses an insert (as it does after one of its own log
+        // writes failed): the group commit stops and the store turns unhealthy.
+        let inner = store.inner().unwrap();
+        let refused = inner.write_failed(StoreError::unavailable("refused"));
+        assert!(matches!(refused, StoreError::Unavailable { .. }), "{refused:?}");
+        // The group commit stopped at once (the store's own health follows within 100 ms, and
+        // turns back once the supervisor has reopened the directory, a second or more later).
+        assert!(!*inner.commit.as_ref().expect("strict durability").health().borrow());
+        drop(inner);
+        let waited = tokio::time::timeout(Duration::from_secs(30), health.wait_for(|healthy| !healthy)).await;
+        waited.expect("the store turned unhealthy").unwrap();
+        // The disk works, so the supervisor reopens the directory and changes are accepted again,
+        // with what was acknowledged before still there.
+        let waited = tokio::time::timeout(Duration::from_secs(30), health.wait_for(|healthy| *healthy)).await;
+        waited.expect("the store was reopened").unwrap();
+        assert_eq!(replayed_body(&store, &key, NOW).await, b"kept body");
+        complete_key(&store, &Key::parse("after").unwrap(), NOW, b"after").await;
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn completed_records_keep_their_body_apart_and_sweeping_deletes_both() {
+        let body: Vec<u8> = (0..=255u8).cycle().take(700).collect();
+        let (dir, store, key, record_key) = store_with_completed("k", &body).await;
+        let (namespace, now) = (Namespace::parse("ns").unwrap(), NOW);
+        let db = store.inner().unwrap().db.clone();
+        let value = db.get(&record_key).unwrap().unwrap();
+        assert_eq!(value[0], BODY_APART);
+        assert!(value.len() < 200, "the record holds no body: {} bytes", value.len());
+        assert_eq!(db.get(body_key(&record_key)).unwrap().unwrap().as_ref(), body.as_slice());
+        assert_eq!(replayed_body(&store, &key, now).await, body);
+        let view = store.lookup(&namespace, &key, now).await.unwrap();
+        assert_eq!(view.completed.unwrap().0.body, body);
+        let (mut exported, _) = store.export().unwrap();
+        match exported.next().unwrap().unwrap().2.state {
+            RecordState::Completed { response, .. } => assert_eq!(response.body, body),
+            other => panic!("exported {other:?}"),
+        }
+        drop(exported);
+
+        // Survives a restart.
+        drop(db);
+        store.close().await.unwrap();
+        drop(store);
+        let store = open_at(dir.path());
+        assert_eq!(replayed_body(&store, &key, now).await, body);
+
+        assert_eq!(sweep_all(&store).await, 1);
+        assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn records_written_with_their_body_inline_are_still_read() {
+        let (_dir, store, key, record_key) = store_with_completed("old", b"{\"id\":1}").await;
+        // Rewrite it the way stores written before bodies were kept apart hold it.
+        let db = store.inner().unwrap().db.clone();
+        let mut record = decode_stored(&db, &record_key, &db.get(&record_key).unwrap().unwrap(), Body::Load).unwrap();
+        if let RecordState::Completed { response, .. } = &mut record.state {
+            response.body = bytes::Bytes::from_static(b"inline body");
+        }
+        db.insert(&record_key, record.encode()).unwrap();
+        db.remove(body_key(&record_key)).unwrap();
+
+        assert_eq!(replayed_body(&store, &key, NOW).await, b"inline body");
+        let (mut exported, _) = store.export().unwrap();
+        assert_eq!(exported.next().unwrap().unwrap().2, record);
+        assert_eq!(sweep_all(&store).await, 1);
+        assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_body_left_by_a_crash_in_the_middle_of_a_sweep_is_deleted_by_the_next() {
+        let (_dir, store, _key, record_key) = store_with_completed("k", b"body").await;
+        // What a crash right after the sweeper deleted the record leaves: its body and its entry.
+        store.inner().unwrap().db.remove(&record_key).unwrap();
+        assert_eq!(stored_keys(&store).len(), 2);
+
+        assert_eq!(sweep_all(&store).await, 0);
+        assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_completed_record_whose_body_is_missing_is_reported_corrupt() {
+        let (_dir, store, key, record_key) = store_with_completed("k", b"body").await;
+        store.inner().unwrap().db.remove(body_key(&record_key)).unwrap();
+        let namespace = Namespace::parse("ns").unwrap();
+        let refused = store.claim(&namespace, &key, NOW, &claim_command(Duration::from_secs(60)), false).await;
+        assert!(matches!(refused, Err(StoreError::Corrupt(_))), "{refused:?}");
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_store_makes_room_from_records_that_expired_within_the_current_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&SledOptions {
+            path: dir.path().join("data"),
+            durability: Durability::Strict,
+            max_records: 2,
+            cache_capacity_bytes: 1 << 20,
+        })
+        .unwrap();
+        let namespace = Namespace::parse("ns").unwrap();
+        let short = || Claim {
+            lease_ttl: Duration::from_millis(100),
+            retention: Duration::from_secs(1),
+            ..claim_command(Duration::from_secs(1))
+        };
+        for key in ["a", "b"] {
+            store.claim(&namespace, &Key::parse(key).unwrap(), NOW, &short(), false).await.unwrap();
+        }
+        // Both expire at NOW + 1.1 s, filed in the bucket of NOW + 2 s.
+        let new_key = Key::parse("c").unwrap();
+        let before = Timestamp::from_unix_millis(NOW.unix_millis() + 1_050);
+        let refused = store.claim(&namespace, &new_key, before, &short(), false).await;
+        assert!(matches!(refused, Err(StoreError::Full { .. })), "{refused:?}");
+        let after = Timestamp::from_unix_millis(NOW.unix_millis() + 1_150);
+        let outcome = store.claim(&namespace, &new_key, after, &short(), false).await.unwrap();
+        assert!(matches!(outcome, ClaimOutcome::Acquired(_)), "{outcome:?}");
+        // Both expired records made room; the new one stays indexed and is swept once it expires.
+        assert_eq!(store.record_count(), 1);
+        let much_later = Timestamp::from_unix_millis(NOW.unix_millis() + 10_000);
+        assert_eq!(store.sweep(much_later, 100).await.unwrap().deleted, 1);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_record_indexed_under_an_older_expiry_rule_is_filed_again_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_at(dir.path());
+        let namespace = Namespace::parse("ns").unwrap();
+        let key = Key::parse("held").unwrap();
+        let claim = claim_command(Duration::from_secs(1));
+        store.claim(&namespace, &key, NOW, &claim, false).await.unwrap();
+        // What a store written by a release that kept held records only until their lease ended
+        // holds: the record's entry at the lease's end (NOW + 30 s) instead of a retention later.
+        let record_key = record_key(&namespace, &key);
+        let inner = store.inner().unwrap();
+        let record = inner.read(&record_key, Body::Load).unwrap().unwrap();
+        inner.db.remove(index_key(record.expires_at(), &record_key)).unwrap();
+        inner.db.insert(index_key(Timestamp::from_unix_millis(NOW.unix_millis() + 30_000), &record_key), &[]).unwrap();
+        drop(inner);
+        // Sweeping past the old entry keeps the record (it expires at NOW + 31 s) and files it again.
+        let between = Timestamp::from_unix_millis(NOW.unix_millis() + 30_500);
+        assert_eq!(store.sweep(between, 100).await.unwrap().deleted, 0);
+        assert_eq!(store.lookup(&namespace, &key, between).await.unwrap().attempt, 1);
+        let later = Timestamp::from_unix_millis(NOW.unix_millis() + 31_000);
+        assert_eq!(store.sweep(later, 100).await.unwrap().deleted, 1);
+        assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
+        store.close().await.unwrap();
+    }
+
+    #[test]
+    fn expiry_buckets_round_up_to_the_second_and_keep_order() {
+        let bucket = |millis| expiry_bucket(Timestamp::from_unix_millis(millis));
+        assert_eq!(bucket(1_000), 1_000);
+        assert_eq!(bucket(1_001), 2_000);
+        assert_eq!(bucket(1_999), 2_000);
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(-1), 0);
+        assert_eq!(bucket(-1_001), -1_000);
+        let key = b"r\x01nk";
+        assert!(index_key(Timestamp::from_unix_millis(-5), key) < index_key(Timestamp::from_unix_millis(5), key));
+        assert!(
+            index_key(Timestamp::from_unix_millis(1_500), key) < index_key(Timestamp::from_unix_millis(2_001), key)
+        );
+    }
+}
