@@ -27,6 +27,8 @@ pub enum Error {
         reason: Reason,
         /// The request field (empty when the whole message was refused).
         field: String,
+        /// The bound it broke, as the server wrote it (`100ms..1h`, `64`), if any.
+        limit: Option<String>,
         /// The server's explanation.
         message: String,
     },
@@ -105,11 +107,14 @@ impl From<Status> for Error {
                 Error::Unavailable { reason: Some(reason), message }
             }
             Some(reason) if reason.code() == Code::InvalidArgument => {
-                let field = status
-                    .get_details_error_info()
-                    .and_then(|info| info.metadata.get("field").cloned())
-                    .unwrap_or_default();
-                Error::Invalid { reason, field, message }
+                let info = status.get_details_error_info();
+                let metadata = |name: &str| info.as_ref().and_then(|info| info.metadata.get(name).cloned());
+                Error::Invalid {
+                    reason,
+                    field: metadata("field").unwrap_or_default(),
+                    limit: metadata("limit"),
+                    message,
+                }
             }
             Some(reason) => Error::Rejected(reason, message),
             // Without the contract's reason: these say nothing about whether the call happened.

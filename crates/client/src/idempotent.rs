@@ -159,15 +159,23 @@ impl Idempotent {
     async fn acquire(&self) -> Result<Acquired, Error> {
         let claim = self.claim.clone().request_id(uuid::Uuid::new_v4().to_string());
         let wait_until = Instant::now() + self.wait;
+        let mut longest_wait = LONGEST_SERVER_WAIT;
         loop {
             let remaining = wait_until.saturating_duration_since(Instant::now());
-            let attempt = if remaining.is_zero() {
-                claim.clone()
-            } else {
-                claim.clone().wait(remaining.min(LONGEST_SERVER_WAIT))
-            };
+            let attempt =
+                if remaining.is_zero() { claim.clone() } else { claim.clone().wait(remaining.min(longest_wait)) };
             let asked = Instant::now();
-            match self.retrying(|| self.client.claim(&attempt)).await? {
+            let outcome = match self.retrying(|| self.client.claim(&attempt)).await {
+                // A server whose longest wait is shorter says so: wait in steps of that length.
+                Err(Error::Invalid { reason: Reason::InvalidWait, limit: Some(limit), .. })
+                    if parse_seconds(&limit).is_some_and(|limit| limit < longest_wait) =>
+                {
+                    longest_wait = parse_seconds(&limit).unwrap_or(longest_wait);
+                    continue;
+                }
+                outcome => outcome?,
+            };
+            match outcome {
                 ClaimOutcome::Acquired(grant) => return Ok(Acquired::Grant(grant)),
                 ClaimOutcome::Completed(replay) => {
                     return Ok(Acquired::Replay(Outcome {
@@ -238,6 +246,24 @@ impl Idempotent {
             }
         }
     }
+}
+
+/// Reads a limit the server wrote as a duration (`60s`, `1m`, `1m 30s`, `500ms`).
+fn parse_seconds(text: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    for part in text.split_whitespace() {
+        let split = part.find(|c: char| !c.is_ascii_digit())?;
+        let (number, unit) = part.split_at(split);
+        let number: u64 = number.parse().ok()?;
+        total += match unit {
+            "ms" => Duration::from_millis(number),
+            "s" => Duration::from_secs(number),
+            "m" => Duration::from_secs(number * 60),
+            "h" => Duration::from_secs(number * 3600),
+            _ => return None,
+        };
+    }
+    (!total.is_zero()).then_some(total)
 }
 
 enum Acquired {
@@ -386,6 +412,15 @@ impl fmt::Display for Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_limits_read_as_the_server_writes_them() {
+        assert_eq!(parse_seconds("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_seconds("1m 30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_seconds("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_seconds("soon"), None);
+        assert_eq!(parse_seconds(""), None);
+    }
 
     #[test]
     fn backoff_grows_to_a_second_with_jitter_in_the_upper_half() {

@@ -171,3 +171,22 @@ pub trait Store: Send + Sync + 'static {
     /// Makes everything written so far durable and stops background work. Calls after it fail.
     fn close(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_chain_names_every_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error connecting to server: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let error = StoreError::unavailable_because("no database connection", Repeats(refused()));
+        assert_eq!(
+            ErrorChain(&error).to_string(),
+            "storage unavailable: no database connection: error connecting to server: Connection refused"
+        );
+        assert_eq!(ErrorChain(&StoreError::unavailable("closed")).to_string(), "storage unavailable: closed");
+    }
+}

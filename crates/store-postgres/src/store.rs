@@ -156,6 +156,25 @@ impl PostgresStore {
         Ok(count)
     }
 
+    /// The record stored for a key, expired or not, as its row reads, with the row's own
+    /// `expires_at` column (what SQL decides expiry and sweeping by). A test seam: the
+    /// differential test compares both with what the state machine would store.
+    #[cfg(any(test, feature = "testing"))]
+    pub async fn stored_record(
+        &self,
+        namespace: &Namespace,
+        key: &Key,
+    ) -> Result<Option<(idempotency_core::domain::Record, Timestamp)>, StoreError> {
+        let row = self.inner.query_one(LOOKUP, &[&namespace.as_str(), &key.as_str(), &None::<i64>]).await?;
+        match row.get::<_, Option<i16>>("state") {
+            None => Ok(None),
+            Some(_) => {
+                let expires_at = Timestamp::from_unix_millis(row.get("expires_at"));
+                record_from_row(&row).map(|record| Some((record, expires_at)))
+            }
+        }
+    }
+
     /// A digest of every stored record and the fencing sequence, to show that a call changed
     /// nothing (tests).
     #[cfg(any(test, feature = "testing"))]

@@ -204,9 +204,8 @@ impl SledStore {
     ///
     /// This runs on the async worker: sled's gets and inserts work in memory (sled's own
     /// `sled-io` threads write its log, and the group-commit thread flushes), so it takes
-    /// microseconds. Moving it to `spawn_blocking` was measured to halve throughput (thread
-    /// hand-offs dominated the profile). The exception is a fencing reservation's flush, once per
-    /// 2^20 grants.
+    /// microseconds, and a hand-off to a blocking thread would cost more than the work (see
+    /// BENCHMARKS.md). The exception is a fencing reservation's flush, once per 2^20 grants.
     async fn update<T>(
         &self,
         namespace: &Namespace,

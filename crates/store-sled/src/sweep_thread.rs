@@ -12,8 +12,7 @@ use crate::store::OpenError;
 pub(crate) const TRIM_AFTER_SWEEPING: u64 = 50_000;
 
 /// Hands free heap pages back to the system. Deleting many records frees much memory in
-/// scattered chunks that glibc's allocator otherwise keeps (RSS stayed about twice the loaded
-/// size after a full sweep).
+/// scattered chunks that glibc's allocator otherwise keeps (figures in BENCHMARKS.md).
 pub(crate) fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -3,6 +3,8 @@
 //! a temporary data directory, restartable on the same directory; [`ChildServer`], the real binary
 //! as a child process; the [`history`] checker of P1–P5; a seeded [`Rng`]; request builders.
 
+#![warn(unreachable_pub)]
+
 pub mod history;
 mod random;
 
