@@ -139,7 +139,8 @@ impl Idempotent {
                 self.retrying(|| self.client.complete(namespace, key, token, stored.clone(), retention)).await?;
                 Ok(Outcome { response, replayed: false, fencing_token: grant.fencing_token })
             }
-            Err(Failure { source, store: None }) => {
+            Err(Failure { source, store: None, abandon: true }) => Err(Error::Failed { source, stored: None }),
+            Err(Failure { source, store: None, abandon: false }) => {
                 // Best effort: if the Release does not get through, the lease lapses and the next
                 // attempt takes over, which is safe too.
                 if let Err(error) = self.retrying(|| self.client.release(namespace, key, token)).await {
@@ -147,7 +148,7 @@ impl Idempotent {
                 }
                 Err(Error::Failed { source, stored: None })
             }
-            Err(Failure { source, store: Some(response) }) => {
+            Err(Failure { source, store: Some(response), .. }) => {
                 let stored = response.clone();
                 self.retrying(|| self.client.complete(namespace, key, token, stored.clone(), retention)).await?;
                 Err(Error::Failed { source, stored: Some(response) })
@@ -372,17 +373,25 @@ impl Outcome {
 pub struct Failure {
     source: BoxError,
     store: Option<Stored>,
+    abandon: bool,
 }
 
 impl Failure {
     /// A failure that changed nothing: the key is released and a retry runs the work again.
     pub fn retry(error: impl Into<BoxError>) -> Failure {
-        Failure { source: error.into(), store: None }
+        Failure { source: error.into(), store: None, abandon: false }
+    }
+
+    /// A failure whose effects are unknown (the work may have partly happened): neither
+    /// released nor stored, the lease is left to lapse, and the next attempt takes the key over
+    /// ([`Lease::takeover`] is true there), as after a crash.
+    pub fn abandon(error: impl Into<BoxError>) -> Failure {
+        Failure { source: error.into(), store: None, abandon: true }
     }
 
     /// A final failure (a declined card): `response` is stored, and every retry replays it.
     pub fn final_response(response: Stored, error: impl Into<BoxError>) -> Failure {
-        Failure { source: error.into(), store: Some(response) }
+        Failure { source: error.into(), store: Some(response), abandon: false }
     }
 
     /// Whether the failure is final (its response is stored).

@@ -8,6 +8,8 @@
 //!   claims the key, runs your closure once under a renewed lease, stores its response or
 //!   releases the key, and replays the stored response to retries.
 //! - [`Error`]: one error type, decoded from the contract's statuses ([`Reason`]).
+//! - `http` (feature `http`): an `Idempotency-Key` layer for tower and axum services, following
+//!   the IETF draft.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -37,6 +39,8 @@
 
 mod client;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
 mod idempotent;
 mod types;
 

@@ -1,0 +1,227 @@
+//! The `Idempotency-Key` layer around small axum and tower services, against a real coordinator
+//! (in process): what the HTTP conformance suite (crates/http-conformance) does not reach from
+//! outside, such as the store policy, oversized and streamed responses, the lease in the request,
+//! optional keys, methods, fingerprinted headers and failing inner services.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Extension;
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use idempotency_client::http::{IdempotencyLayer, StorePolicy};
+use idempotency_client::{Client, KeyState, Lease};
+use idempotency_testkit::TestServer;
+use tower::{Layer, Service, ServiceExt};
+
+async fn layer_for(server: &TestServer) -> (Client, IdempotencyLayer) {
+    let client = Client::new(server.channel().await);
+    (client.clone(), IdempotencyLayer::new(client, "http-tests"))
+}
+
+fn post_with_key(key: &str, body: &'static str) -> Request<Body> {
+    Request::post("/thing")
+        .header("idempotency-key", key)
+        .header("content-type", "text/plain")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+async fn send(router: &Router, request: Request<Body>) -> (StatusCode, HeaderMap, Bytes) {
+    let response = router.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
+}
+
+/// A handler that counts its runs and answers `status` with `body`.
+fn counting(runs: &Arc<AtomicU32>, status: StatusCode, body: &'static str) -> Router {
+    let runs = Arc::clone(runs);
+    Router::new().route(
+        "/thing",
+        post(move || {
+            let runs = Arc::clone(&runs);
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                (status, body)
+            }
+        }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_too_large_to_store_reaches_its_caller_whole_and_replays_as_a_problem() {
+    let server = TestServer::start().await;
+    let (_, layer) = layer_for(&server).await;
+    // Streamed in 100 chunks of 1 KiB, past a 4 KiB limit.
+    let router = Router::new()
+        .route(
+            "/thing",
+            post(|| async {
+                let chunks = (0..100u8).map(|i| Ok::<_, Infallible>(Bytes::from(vec![i; 1024])));
+                Body::from_stream(tokio_stream::iter(chunks)).into_response()
+            }),
+        )
+        .layer(layer.response_limit(4 * 1024));
+    let (status, _, body) = send(&router, post_with_key("big", "x")).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 100 * 1024), "the first caller gets all of it");
+    assert!(body.chunks(1024).enumerate().all(|(i, chunk)| chunk.iter().all(|b| usize::from(*b) == i)));
+    let (status, headers, body) = send(&router, post_with_key("big", "x")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(headers["idempotent-replayed"], "true");
+    let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem["type"], "urn:idempotency:response-not-stored");
+}
+
+/// A body within the limit whose stored form (body, status, headers and their framing) is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_whose_stored_form_is_over_the_limit_is_not_stored_either() {
+    let server = TestServer::start().await;
+    let (_, layer) = layer_for(&server).await;
+    let router = Router::new().route("/thing", post(|| async { vec![7u8; 4096] })).layer(layer.response_limit(4096));
+    let (status, _, body) = send(&router, post_with_key("edge", "x")).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 4096));
+    let (status, _, body) = send(&router, post_with_key("edge", "x")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem["type"], "urn:idempotency:response-not-stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_policy_stores_a_500_and_releases_a_429() {
+    let server = TestServer::start().await;
+    let (_, layer) = layer_for(&server).await;
+    let failing = Arc::new(AtomicU32::new(0));
+    let router = counting(&failing, StatusCode::INTERNAL_SERVER_ERROR, "boom").layer(layer.clone());
+    for _ in 0..2 {
+        assert_eq!(send(&router, post_with_key("five-hundred", "x")).await.0, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    assert_eq!(failing.load(Ordering::SeqCst), 1, "a 500 is stored: it may have acted");
+    let limited = Arc::new(AtomicU32::new(0));
+    let router = counting(&limited, StatusCode::TOO_MANY_REQUESTS, "slow down").layer(layer);
+    for _ in 0..2 {
+        assert_eq!(send(&router, post_with_key("four-two-nine", "x")).await.0, StatusCode::TOO_MANY_REQUESTS);
+    }
+    assert_eq!(limited.load(Ordering::SeqCst), 2, "a 429 says nothing was done: released, run again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_policy_decides_per_response() {
+    let server = TestServer::start().await;
+    let (_, layer) = layer_for(&server).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let layer = layer
+        .store_policy(|status, _| if status.is_server_error() { StorePolicy::Release } else { StorePolicy::Store });
+    let router = counting(&runs, StatusCode::BAD_GATEWAY, "upstream failed").layer(layer);
+    for _ in 0..3 {
+        assert_eq!(send(&router, post_with_key("policy", "x")).await.0, StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handler_finds_the_lease_in_the_request_and_the_stored_headers_replay() {
+    let server = TestServer::start().await;
+    let (client, layer) = layer_for(&server).await;
+    let router = Router::new()
+        .route(
+            "/thing",
+            post(|Extension(lease): Extension<Lease>| async move {
+                let mut response = (StatusCode::CREATED, format!("token {}", lease.fencing_token())).into_response();
+                response.headers_mut().insert("location", "/thing/1".parse().unwrap());
+                response.headers_mut().insert("x-not-stored", "no".parse().unwrap());
+                response
+            }),
+        )
+        .layer(layer);
+    let (status, first_headers, body) = send(&router, post_with_key("lease", "x")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let view = client.lookup("http-tests", "0:lease").await.unwrap();
+    assert_eq!(view.state, KeyState::Completed);
+    assert_eq!(body, format!("token {}", view.fencing_token));
+    assert_eq!(first_headers["x-not-stored"], "no");
+    let (status, headers, replayed) = send(&router, post_with_key("lease", "x")).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, body));
+    assert_eq!(headers["location"], "/thing/1");
+    assert!(headers.get("x-not-stored").is_none(), "only the configured headers are stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_keys_methods_and_fingerprinted_headers() {
+    let server = TestServer::start().await;
+    let (_, layer) = layer_for(&server).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let optional = counting(&runs, StatusCode::OK, "ran").layer(layer.clone().key_optional());
+    let no_key = || Request::post("/thing").body(Body::from("x")).unwrap();
+    assert_eq!(send(&optional, no_key()).await.0, StatusCode::OK);
+    assert_eq!(send(&optional, no_key()).await.0, StatusCode::OK);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "without a key the request passes through");
+
+    let required = counting(&runs, StatusCode::OK, "ran").layer(layer.clone());
+    let (status, headers, _) = send(&required, no_key()).await;
+    assert_eq!(
+        (status, &headers["content-type"]),
+        (StatusCode::BAD_REQUEST, &"application/problem+json".parse().unwrap())
+    );
+
+    // Only POST is covered here: a PUT with a key passes through every time.
+    let puts = Arc::new(AtomicU32::new(0));
+    let puts_counter = Arc::clone(&puts);
+    let router = Router::new()
+        .route(
+            "/thing",
+            axum::routing::put(move || {
+                let puts = Arc::clone(&puts_counter);
+                async move {
+                    puts.fetch_add(1, Ordering::SeqCst);
+                    "put"
+                }
+            }),
+        )
+        .layer(layer.clone().methods([axum::http::Method::POST]));
+    for _ in 0..2 {
+        let put = Request::put("/thing").header("idempotency-key", "put-key").body(Body::empty()).unwrap();
+        assert_eq!(send(&router, put).await.0, StatusCode::OK);
+    }
+    assert_eq!(puts.load(Ordering::SeqCst), 2);
+
+    // A configured header enters the fingerprint: the same body with another value is refused.
+    let router = counting(&runs, StatusCode::OK, "ran").layer(layer.fingerprint_header("x-currency".parse().unwrap()));
+    let with_currency = |currency: &str| {
+        Request::post("/thing")
+            .header("idempotency-key", "currency")
+            .header("x-currency", currency)
+            .body(Body::from("100"))
+            .unwrap()
+    };
+    assert_eq!(send(&router, with_currency("USD")).await.0, StatusCode::OK);
+    assert_eq!(send(&router, with_currency("EUR")).await.0, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inner_service_that_fails_without_a_response_leaves_the_lease_to_lapse() {
+    let server = TestServer::start().await;
+    let (client, layer) = layer_for(&server).await;
+    let mut service = layer.lease_ttl(std::time::Duration::from_secs(1)).layer(tower::service_fn(
+        |_: Request<http_body_util::Full<Bytes>>| async {
+            Err::<Response<http_body_util::Full<Bytes>>, _>(std::io::Error::other(
+                "the connection to the database broke",
+            ))
+        },
+    ));
+    let request = Request::post("/thing")
+        .header("idempotency-key", "broken")
+        .body(http_body_util::Full::new(Bytes::from("x")))
+        .unwrap();
+    let result = service.ready().await.unwrap().call(request).await;
+    assert!(result.is_err(), "the inner error is passed on");
+    assert_eq!(client.lookup("http-tests", "0:broken").await.unwrap().state, KeyState::InProgress, "not released");
+    server.advance(std::time::Duration::from_secs(1));
+    assert_eq!(client.lookup("http-tests", "0:broken").await.unwrap().state, KeyState::LeaseExpired);
+}
