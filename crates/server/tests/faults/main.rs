@@ -23,6 +23,7 @@ mod disk;
 mod hostile;
 mod load;
 mod model;
+mod power;
 mod recording;
 mod replicas;
 
