@@ -89,6 +89,19 @@ pub struct Options {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// With an `https://` coordinator: the CA that signed its certificate (PEM file).
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate (PEM file) for a coordinator that requires one (mTLS).
+    #[arg(long, requires = "key_file")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM file).
+    #[arg(long, requires = "cert_file")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// A file holding the bearer token to send to the coordinator (a token is never a flag: `ps`
+    /// would show it).
+    #[arg(long)]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// Latencies and errors of one kind of operation.
@@ -307,7 +320,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         bail!("--concurrency and --connections must be at least 1");
     }
     let mix = parse_mix(&options.mix)?;
-    let clients = Client::connect_all(&options.target, options.connections, options.synchronous_commit).await?;
+    let clients = Client::connect_all(&options).await?;
     if options.scenario == Scenario::Health && !clients[0].has_health() {
         bail!("the health scenario needs the coordinator as target");
     }

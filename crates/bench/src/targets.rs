@@ -116,11 +116,9 @@ const RETENTION_MILLIS: u64 = 24 * 3600 * 1000;
 impl Client {
     /// Opens `connections` clients to `target` (`http://` coordinator, or several separated by
     /// commas, `postgres://`, `redis://`).
-    pub async fn connect_all(
-        target: &str,
-        connections: usize,
-        synchronous_commit: bool,
-    ) -> anyhow::Result<Vec<Client>> {
+    pub async fn connect_all(options: &crate::Options) -> anyhow::Result<Vec<Client>> {
+        let (target, connections, synchronous_commit) =
+            (options.target.as_str(), options.connections, options.synchronous_commit);
         // Several coordinator replicas: `http://a,http://b`; connections are spread round robin.
         let targets: Vec<&str> = target.split(',').map(str::trim).filter(|t| !t.is_empty()).collect();
         if targets.is_empty() {
@@ -128,7 +126,7 @@ impl Client {
         }
         let mut clients = Vec::with_capacity(connections);
         for i in 0..connections {
-            clients.push(Client::connect(targets[i % targets.len()], synchronous_commit).await?);
+            clients.push(Client::connect(targets[i % targets.len()], synchronous_commit, options).await?);
         }
         if let Some(Client::Postgres(client)) = clients.first() {
             client.batch_execute(PG_SCHEMA).await.context("creating the benchmark table")?;
@@ -136,15 +134,29 @@ impl Client {
         Ok(clients)
     }
 
-    async fn connect(target: &str, synchronous_commit: bool) -> anyhow::Result<Client> {
+    async fn connect(target: &str, synchronous_commit: bool, options: &crate::Options) -> anyhow::Result<Client> {
         if target.starts_with("http://") || target.starts_with("https://") {
-            let channel = Endpoint::from_shared(target.to_owned())?
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .with_context(|| format!("connecting to {target}"))?;
+            let mut endpoint = Endpoint::from_shared(target.to_owned())?.tcp_nodelay(true);
+            if let Some(ca) = &options.ca_file {
+                let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+                    tonic::transport::Certificate::from_pem(std::fs::read(ca).context("reading --ca-file")?),
+                );
+                if let (Some(cert), Some(key)) = (&options.cert_file, &options.key_file) {
+                    tls = tls.identity(tonic::transport::Identity::from_pem(
+                        std::fs::read(cert).context("reading --cert-file")?,
+                        std::fs::read(key).context("reading --key-file")?,
+                    ));
+                }
+                endpoint = endpoint.tls_config(tls)?;
+            }
+            let channel = endpoint.connect().await.with_context(|| format!("connecting to {target}"))?;
+            let mut coordinator = idempotency_client::Client::new(channel.clone());
+            if let Some(path) = &options.token_file {
+                let token = std::fs::read_to_string(path).context("reading --token-file")?;
+                coordinator = coordinator.with_bearer_token(token.trim())?;
+            }
             Ok(Client::Coordinator(Box::new(GrpcClients {
-                coordinator: idempotency_client::Client::new(channel.clone()),
+                coordinator,
                 health: tonic_health::pb::health_client::HealthClient::new(channel),
             })))
         } else if target.starts_with("postgres://") || target.starts_with("postgresql://") {

@@ -5,6 +5,7 @@ use std::time::Duration;
 use idempotency_proto::pb;
 use idempotency_proto::pb::coordinator_client::CoordinatorClient;
 use tonic::Request;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
@@ -19,18 +20,127 @@ const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Client {
     grpc: CoordinatorClient<Channel>,
     call_timeout: Duration,
+    /// `Bearer <token>`, sent with every call (never logged: the value is marked sensitive).
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+/// How to connect: the address, TLS (feature `tls`), credentials and deadlines. Built with
+/// [`Client::builder`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    uri: String,
+    call_timeout: Duration,
+    token: Option<String>,
+    #[cfg(feature = "tls")]
+    tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl ClientBuilder {
+    /// Sends `authorization: Bearer <token>` with every call. Read the token from a file or an
+    /// environment variable, never from a command-line flag (`ps` shows flags to everyone).
+    #[must_use]
+    pub fn bearer_token(mut self, token: impl Into<String>) -> ClientBuilder {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The deadline of every call (10 s by default); a waiting Claim gets its wait on top.
+    #[must_use]
+    pub fn call_timeout(mut self, timeout: Duration) -> ClientBuilder {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// Speaks TLS, trusting the CA certificates in `ca_pem` (PEM) for the server's certificate.
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn ca_certificate(mut self, ca_pem: impl AsRef<[u8]>) -> ClientBuilder {
+        let config = self.tls.take().unwrap_or_default();
+        self.tls = Some(config.ca_certificate(tonic::transport::Certificate::from_pem(ca_pem)));
+        self
+    }
+
+    /// Presents this client certificate and key (PEM) to a server that requires them (mTLS).
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn identity(mut self, certificate_pem: impl AsRef<[u8]>, key_pem: impl AsRef<[u8]>) -> ClientBuilder {
+        let config = self.tls.take().unwrap_or_default();
+        self.tls = Some(config.identity(tonic::transport::Identity::from_pem(certificate_pem, key_pem)));
+        self
+    }
+
+    /// The name the server's certificate must carry, when it is not the URI's host.
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn domain_name(mut self, name: impl Into<String>) -> ClientBuilder {
+        let config = self.tls.take().unwrap_or_default();
+        self.tls = Some(config.domain_name(name));
+        self
+    }
+
+    fn endpoint(&self) -> Result<Endpoint, Error> {
+        #[allow(unused_mut)]
+        let mut endpoint = Endpoint::from_shared(self.uri.clone())?.tcp_nodelay(true);
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        Ok(endpoint)
+    }
+
+    fn build(self, channel: Channel) -> Result<Client, Error> {
+        let client = Client::new(channel).with_call_timeout(self.call_timeout);
+        match &self.token {
+            Some(token) => client.with_bearer_token(token),
+            None => Ok(client),
+        }
+    }
+
+    /// Connects now.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let channel = self.endpoint()?.connect().await?;
+        self.build(channel)
+    }
+
+    /// Connects on the first call (and again after the connection breaks), so that a service
+    /// can start while the coordinator is down.
+    pub fn connect_lazy(self) -> Result<Client, Error> {
+        let channel = self.endpoint()?.connect_lazy();
+        self.build(channel)
+    }
 }
 
 impl Client {
     /// Connects to the coordinator at `uri` (`http://host:port`).
     pub async fn connect(uri: impl Into<String>) -> Result<Client, Error> {
-        let endpoint = Endpoint::from_shared(uri.into())?;
-        Ok(Client::new(endpoint.connect().await?))
+        Client::builder(uri).connect().await
+    }
+
+    /// How to connect to `uri` (`http://host:port`, or `https://host:port` with TLS): credentials,
+    /// TLS, deadlines.
+    pub fn builder(uri: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            uri: uri.into(),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            token: None,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
     }
 
     /// A client over a channel you built (your own load balancing, TLS and timeouts).
     pub fn new(channel: Channel) -> Client {
-        Client { grpc: CoordinatorClient::new(channel), call_timeout: DEFAULT_CALL_TIMEOUT }
+        Client { grpc: CoordinatorClient::new(channel), call_timeout: DEFAULT_CALL_TIMEOUT, authorization: None }
+    }
+
+    /// Sends `authorization: Bearer <token>` with every call (see [`ClientBuilder::bearer_token`]).
+    pub fn with_bearer_token(mut self, token: &str) -> Result<Client, Error> {
+        let mut value = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+            Error::Transport(tonic::Status::invalid_argument("the token holds characters a header cannot"))
+        })?;
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(self)
     }
 
     /// Sets the deadline of every call (10 s by default); a waiting Claim gets its wait on top.
@@ -44,6 +154,9 @@ impl Client {
     fn request<T>(&self, message: T, extra: Duration) -> Request<T> {
         let mut request = Request::new(message);
         request.set_timeout(self.call_timeout + extra);
+        if let Some(authorization) = &self.authorization {
+            request.metadata_mut().insert("authorization", authorization.clone());
+        }
         request
     }
 

@@ -17,7 +17,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum Error {
     /// The coordinator refused the call by the contract's rules: the key is bound to another
     /// fingerprint, the lease was lost, the key is already completed, the key is unknown, the
-    /// store is full, or an internal fault. Nothing changed.
+    /// store or the namespace is full, the server is overloaded, the credentials are missing or
+    /// do not allow the call, or an internal fault. Nothing changed.
     #[error("{1} ({0})")]
     Rejected(Reason, String),
     /// The request was malformed or out of the server's bounds; nothing changed.
@@ -77,7 +78,9 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Unavailable { .. } | Error::InProgress { .. } | Error::Connect(_) => true,
-            Error::Rejected(reason, _) => *reason == Reason::StoreFull,
+            Error::Rejected(reason, _) => {
+                matches!(reason, Reason::StoreFull | Reason::NamespaceFull | Reason::Overloaded)
+            }
             Error::Transport(status) => matches!(status.code(), Code::Unavailable | Code::ResourceExhausted),
             Error::Invalid { .. } | Error::Failed { .. } => false,
         }

@@ -44,7 +44,7 @@ pub mod http;
 mod idempotent;
 mod types;
 
-pub use client::Client;
+pub use client::{Client, ClientBuilder};
 pub use error::{BoxError, Error};
 pub use idempotency_proto::Reason;
 pub use idempotent::{Failure, Idempotent, Lease, Outcome};

@@ -52,6 +52,9 @@ pub struct Coordinator<S> {
     draining: CancellationToken,
     /// Calls admitted so far; the sweeper reads it to tell whether calls are being served.
     admitted: AtomicU64,
+    /// Claims parked in a wait now, and how many may be.
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -64,7 +67,22 @@ impl<S: Store> Coordinator<S> {
             waiters: Mutex::new(HashMap::new()),
             draining: CancellationToken::new(),
             admitted: AtomicU64::new(0),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            max_waiting: usize::MAX,
         }
+    }
+
+    /// Lets at most `max_waiting` Claims wait at once; beyond it a Claim that would wait answers
+    /// `in_progress` at once (a waiting Claim holds a task and its request until it ends).
+    #[must_use]
+    pub fn with_max_waiting(mut self, max_waiting: usize) -> Self {
+        self.max_waiting = max_waiting;
+        self
+    }
+
+    /// How many Claims are waiting now.
+    pub fn waiting_claims(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// The request bounds and defaults in force.
@@ -91,7 +109,7 @@ impl<S: Store> Coordinator<S> {
         self.admit()?;
         let mut now = self.clock.now();
         let give_up_at = now.plus(wait);
-        let waiter = (!wait.is_zero()).then(|| self.waiter(namespace, key));
+        let waiter = (!wait.is_zero()).then(|| self.waiter(namespace, key)).flatten();
         loop {
             let notified = waiter.as_ref().map(|waiter| waiter.notify.notified());
             tokio::pin!(notified);
@@ -201,10 +219,17 @@ impl<S: Store> Coordinator<S> {
         Ok(())
     }
 
-    fn waiter(&self, namespace: &Namespace, key: &Key) -> Waiter<'_, S> {
+    /// A waiting Claim's registration, or `None` when `max_waiting` Claims already wait.
+    fn waiter(&self, namespace: &Namespace, key: &Key) -> Option<Waiter<'_, S>> {
+        let parked = self.waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
+            (waiting < self.max_waiting).then_some(waiting + 1)
+        });
+        if parked.is_err() {
+            return None;
+        }
         let wait_key = (namespace.clone(), key.clone());
         let notify = Arc::clone(self.waiters.lock().entry(wait_key.clone()).or_default());
-        Waiter { coordinator: self, wait_key, notify }
+        Some(Waiter { coordinator: self, wait_key, notify })
     }
 
     /// Wakes the Claims waiting here for a key that changed elsewhere (another replica), or all
@@ -262,6 +287,7 @@ struct Waiter<'a, S> {
 
 impl<S> Drop for Waiter<'_, S> {
     fn drop(&mut self) {
+        self.coordinator.waiting.fetch_sub(1, Ordering::SeqCst);
         let mut waiters = self.coordinator.waiters.lock();
         // The map holds one reference and this waiter another: if that is all, nobody else waits.
         if Arc::strong_count(&self.notify) == 2 {

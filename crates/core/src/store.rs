@@ -6,6 +6,7 @@
 //! record count limit, the expiry index and its sweeping.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::future::Future;
 
 use tokio::sync::{mpsc, watch};
@@ -28,6 +29,12 @@ pub enum StoreError {
     #[error("the store holds its maximum of {max_records} records")]
     Full {
         /// The configured maximum.
+        max_records: u64,
+    },
+    /// The command would add a record to a namespace that holds its quota.
+    #[error("the namespace holds its quota of {max_records} records")]
+    NamespaceFull {
+        /// The namespace's quota.
         max_records: u64,
     },
     /// The change could not be made durable (or the store is failing, or did not answer in
@@ -158,6 +165,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many records are stored, expired ones not yet swept included.
     fn record_count(&self) -> u64;
+
+    /// Sets the per-namespace record quotas (replacing earlier ones): a Claim that would add a
+    /// record to a namespace holding its quota fails with [`StoreError::NamespaceFull`], as with
+    /// the store's own limit (expired records count until swept, and a full namespace first
+    /// makes room from its expired records).
+    fn set_namespace_quotas(&self, quotas: HashMap<Namespace, u64>);
 
     /// `true` while the store can make changes durable; `false` while it fails to.
     fn health(&self) -> watch::Receiver<bool>;

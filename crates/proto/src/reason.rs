@@ -86,6 +86,16 @@ reasons! {
     LeaseLost = "LEASE_LOST", Aborted;
     /// A Claim of a new key while the store holds its maximum of records.
     StoreFull = "STORE_FULL", ResourceExhausted;
+    /// A Claim of a new key in a namespace that holds its quota of records.
+    NamespaceFull = "NAMESPACE_FULL", ResourceExhausted;
+    /// The server is serving as many calls as it may (`--max-in-flight`); retry after the hint.
+    Overloaded = "OVERLOADED", ResourceExhausted;
+    /// No credentials, or credentials the server does not know.
+    Unauthenticated = "UNAUTHENTICATED", Unauthenticated;
+    /// The caller may not use this namespace.
+    NamespaceNotAllowed = "NAMESPACE_NOT_ALLOWED", PermissionDenied;
+    /// The caller may use the namespace, but its role does not allow this call.
+    RoleNotAllowed = "ROLE_NOT_ALLOWED", PermissionDenied;
     /// The store could not make the change durable now; it may or may not have happened.
     StoreUnavailable = "STORE_UNAVAILABLE", Unavailable;
     /// The server is draining.
@@ -95,6 +105,18 @@ reasons! {
 }
 
 impl Reason {
+    /// As [`Reason::status`], with a `google.rpc.RetryInfo` saying when to try again.
+    pub fn status_with_retry(
+        self,
+        message: impl Into<String>,
+        metadata: HashMap<String, String>,
+        retry_after: std::time::Duration,
+    ) -> Status {
+        let mut details = ErrorDetails::with_error_info(self.as_str(), ERROR_DOMAIN, metadata);
+        details.set_retry_info(Some(retry_after));
+        Status::with_error_details(self.code(), message, details)
+    }
+
     /// The status for this reason: its code, `message`, and an `ErrorInfo` with `metadata`.
     pub fn status(self, message: impl Into<String>, metadata: HashMap<String, String>) -> Status {
         Status::with_error_details(

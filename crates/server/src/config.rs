@@ -124,6 +124,57 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_SHUTDOWN_GRACE", value_parser = duration, default_value = "10s")]
     pub shutdown_grace: Duration,
 
+    /// The server's certificate chain (PEM file). With --tls-key, the server speaks only TLS.
+    /// Reloaded on SIGHUP and when the file changes.
+    #[arg(long, env = "IDEMPOTENCY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The server's private key (PEM file; the path, never the key itself, is given here).
+    #[arg(long, env = "IDEMPOTENCY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// A CA (PEM file): every client must present a certificate signed by it (mTLS).
+    #[arg(long, env = "IDEMPOTENCY_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Who may use which namespaces with which role, and per-namespace quotas (TOML; see
+    /// SECURITY.md). Re-read on SIGHUP and when it changes. Unset: every caller may do anything.
+    #[arg(long, env = "IDEMPOTENCY_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Reflection answers only callers with valid credentials (it is open by default).
+    #[arg(long, env = "IDEMPOTENCY_REFLECTION_REQUIRES_AUTH")]
+    pub reflection_requires_auth: bool,
+
+    /// Start on a non-loopback address without TLS and an auth file anyway.
+    #[arg(long, env = "IDEMPOTENCY_ALLOW_INSECURE")]
+    pub allow_insecure: bool,
+
+    /// Calls served at once, Claims waiting included; beyond it a call is refused at once with
+    /// RESOURCE_EXHAUSTED OVERLOADED and a retry hint.
+    #[arg(long, env = "IDEMPOTENCY_MAX_IN_FLIGHT", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize))]
+    pub max_in_flight: usize,
+
+    /// Claims waiting at once; beyond it a Claim that would wait answers in_progress at once.
+    #[arg(long, env = "IDEMPOTENCY_MAX_WAITING", default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=1_000_000).map(|n| n as usize))]
+    pub max_waiting: usize,
+
+    /// Connections open at once; beyond it a new connection is closed at once.
+    #[arg(long, env = "IDEMPOTENCY_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize))]
+    pub max_connections: usize,
+
+    /// A connection on which nothing but keepalive pings passed for this long is closed.
+    #[arg(long, env = "IDEMPOTENCY_IDLE_TIMEOUT", value_parser = duration, default_value = "5m")]
+    pub idle_timeout: Duration,
+
+    /// How often the server pings an HTTP/2 connection to find dead peers (0s: never).
+    #[arg(long, env = "IDEMPOTENCY_KEEPALIVE_INTERVAL", value_parser = duration, default_value = "30s")]
+    pub keepalive_interval: Duration,
+
+    /// How long a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "IDEMPOTENCY_KEEPALIVE_TIMEOUT", value_parser = duration, default_value = "20s")]
+    pub keepalive_timeout: Duration,
+
     /// Log format on stderr; the level is set by RUST_LOG (default: info).
     #[arg(long, env = "IDEMPOTENCY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -253,10 +304,37 @@ impl Config {
     }
 
     /// Checks everything the flags' own parsers cannot: limits that must agree with each other,
-    /// and the store URL. The server runs only on a configuration that passes.
+    /// the store URL, and that a server reachable from other machines is protected. The server
+    /// runs only on a configuration that passes.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.limits()?;
         self.store_choice()?;
+        if self.idle_timeout <= self.max_wait + Duration::from_secs(1) {
+            return Err(ConfigError(format!(
+                "--idle-timeout ({}) must be longer than --max-wait ({}) plus 1s, or waiting Claims would be cut off",
+                human(self.idle_timeout),
+                human(self.max_wait)
+            )));
+        }
+        if !self.listen.ip().is_loopback() && !self.allow_insecure {
+            let mut missing = Vec::new();
+            if self.tls_cert.is_none() {
+                missing.push("TLS (--tls-cert and --tls-key)");
+            }
+            if self.auth_file.is_none() {
+                missing.push("an auth file (--auth-file)");
+            }
+            if !missing.is_empty() {
+                return Err(ConfigError(format!(
+                    "--listen {} is reachable from other machines, but {} {} missing: anyone who can reach \
+                     the port could read and change every namespace. Add {}, or pass --allow-insecure",
+                    self.listen,
+                    missing.join(" and "),
+                    if missing.len() == 1 { "is" } else { "are" },
+                    missing.join(" and ")
+                )));
+            }
+        }
         if self.postgres_timeout < Duration::from_millis(1) || self.postgres_timeout > Duration::from_secs(3600) {
             return Err(ConfigError("--postgres-timeout must be between 1ms and 1h".to_owned()));
         }
@@ -340,6 +418,23 @@ mod tests {
         assert!(parse(&["--sweep-interval", "0s"]).unwrap().validate().is_err());
         assert!(parse(&["--postgres-timeout", "2h"]).unwrap().validate().is_err());
         assert!(parse(&[]).unwrap().validate().is_ok());
+    }
+
+    #[test]
+    fn a_server_reachable_from_other_machines_needs_tls_and_an_auth_file_or_allow_insecure() {
+        let error = parse(&["--listen", "0.0.0.0:50051"]).unwrap().validate().unwrap_err().to_string();
+        assert!(error.contains("TLS (--tls-cert and --tls-key) and an auth file (--auth-file) are missing"), "{error}");
+        let tls = ["--listen", "0.0.0.0:50051", "--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        let error = parse(&tls).unwrap().validate().unwrap_err().to_string();
+        assert!(error.contains("an auth file (--auth-file) is missing"), "{error}");
+        let mut both = tls.to_vec();
+        both.extend(["--auth-file", "auth.toml"]);
+        assert!(parse(&both).unwrap().validate().is_ok());
+        assert!(parse(&["--listen", "0.0.0.0:50051", "--allow-insecure"]).unwrap().validate().is_ok());
+        assert!(parse(&["--listen", "[::1]:50051"]).unwrap().validate().is_ok(), "loopback needs nothing");
+        assert!(parse(&["--tls-cert", "c.pem"]).is_err(), "a certificate needs its key");
+        assert!(parse(&["--tls-client-ca", "ca.pem"]).is_err(), "mTLS needs TLS");
+        assert!(parse(&["--idle-timeout", "30s"]).unwrap().validate().is_err(), "shorter than the longest wait");
     }
 
     /// Values that the server cannot run with are refused when the flags are parsed (clap's

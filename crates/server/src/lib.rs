@@ -7,6 +7,9 @@
 //! - [`config`]: command-line and environment configuration, converted into the core's and the
 //!   stores' types (only this module knows clap).
 //! - [`stores`]: [`AnyStore`](stores::AnyStore), the store the configuration chose.
+//! - [`auth`]: the auth file: who may use which namespaces with which role, and quotas.
+//! - [`tls`]: TLS and mTLS material, reloaded while serving.
+//! - [`listener`]: accepting connections: the connection limit, TLS handshakes, idle timeouts.
 //! - [`service`]: the gRPC adapter and the one error-to-status mapping.
 //! - [`sweeper`]: deletes expired records in the background.
 //! - [`server`]: opens the store, wires everything, serves until told to stop, drains.
@@ -16,6 +19,10 @@
 
 pub mod config;
 pub mod stores;
+
+pub mod auth;
+pub mod listener;
+pub mod tls;
 
 pub mod service;
 pub mod sweeper;

@@ -24,10 +24,13 @@ use idempotency_proto::{SERVICE_NAME, pb};
 use idempotency_store_postgres::{PostgresOpenError, PostgresStore};
 use idempotency_store_sled::{OpenError, SledStore};
 
+use crate::auth::{AuthFileError, Authorizer};
 use crate::config::{Config, ConfigError, StoreChoice};
-use crate::service::CoordinatorService;
+use crate::listener::{self, ListenOptions};
+use crate::service::{CoordinatorService, Guard};
 use crate::stores::AnyStore;
 use crate::sweeper;
+use crate::tls::{Tls, TlsError, TlsFiles};
 
 /// Room for the fields around a response in a Complete message, beyond the response limit.
 const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
@@ -44,6 +47,12 @@ pub enum ServerError {
     /// The PostgreSQL store could not start.
     #[error(transparent)]
     Postgres(#[from] PostgresOpenError),
+    /// The TLS material could not be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The auth file could not be used.
+    #[error(transparent)]
+    Auth(#[from] AuthFileError),
     /// The transport failed.
     #[error("serving failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -61,8 +70,47 @@ pub enum Stop {
     Now,
 }
 
+/// Who may connect and call: TLS, the auth file, and whether reflection needs credentials.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// TLS (and mTLS), if on.
+    pub tls: Option<Arc<Tls>>,
+    /// The auth file's rules, if on; without them every caller may do anything.
+    pub auth: Option<Arc<Authorizer>>,
+    /// Reflection answers only callers with valid credentials.
+    pub reflection_requires_auth: bool,
+}
+
+impl Security {
+    /// Loads the TLS material and the auth file the configuration names.
+    pub fn load(config: &Config) -> Result<Security, ServerError> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(Tls::load(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: config.tls_client_ca.clone(),
+            })?)),
+            _ => None,
+        };
+        let auth = config.auth_file.as_deref().map(Authorizer::load).transpose()?.map(Arc::new);
+        Ok(Security { tls, auth, reflection_requires_auth: config.reflection_requires_auth })
+    }
+
+    /// What is on, for the start-up log.
+    fn describe(&self) -> String {
+        let tls = match &self.tls {
+            Some(tls) if tls.requires_client_certificates() => "TLS with client certificates (mTLS)",
+            Some(_) => "TLS",
+            None => "plaintext",
+        };
+        let auth = if self.auth.is_some() { "auth file" } else { "no auth file: every caller may do anything" };
+        let reflection = if self.reflection_requires_auth { "reflection needs credentials" } else { "reflection open" };
+        format!("{tls}; {auth}; {reflection}")
+    }
+}
+
 /// How to serve an already-built coordinator.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// How often the sweeper runs.
     pub sweep_interval: Duration,
@@ -74,17 +122,33 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// HTTP/2 streams (calls) one connection may have open at once.
     pub max_streams_per_connection: u32,
+    /// Calls served at once (waiting Claims included); more are refused with OVERLOADED.
+    pub max_in_flight: usize,
+    /// Connections open at once; more are closed at once.
+    pub max_connections: usize,
+    /// A connection without frames but pings for this long is closed.
+    pub idle_timeout: Duration,
+    /// How often connections are pinged (zero: never), and how long an answer may take.
+    pub keepalive: (Duration, Duration),
+    /// TLS and access.
+    pub security: Security,
 }
 
-impl From<&Config> for ServeOptions {
-    fn from(config: &Config) -> Self {
-        ServeOptions {
+impl ServeOptions {
+    /// The options `config` asks for, with its TLS material and auth file loaded.
+    pub fn load(config: &Config) -> Result<ServeOptions, ServerError> {
+        Ok(ServeOptions {
             sweep_interval: config.sweep_interval,
             sweep_batch: config.sweep_batch,
             drain_delay: config.drain_delay,
             shutdown_grace: config.shutdown_grace,
             max_streams_per_connection: config.max_streams_per_connection,
-        }
+            max_in_flight: config.max_in_flight,
+            max_connections: config.max_connections,
+            idle_timeout: config.idle_timeout,
+            keepalive: (config.keepalive_interval, config.keepalive_timeout),
+            security: Security::load(config)?,
+        })
     }
 }
 
@@ -123,14 +187,16 @@ async fn open_store(
     match choice {
         StoreChoice::Sled(options) => {
             let store = tokio::task::block_in_place(|| SledStore::open(&options))?;
-            Ok(Arc::new(Coordinator::new(AnyStore::Sled(store), clock, limits)))
+            Ok(Arc::new(Coordinator::new(AnyStore::Sled(store), clock, limits).with_max_waiting(config.max_waiting)))
         }
         StoreChoice::Postgres(options) => {
             let database_time = options.time == idempotency_store_postgres::TimeSource::Database;
             let offset = Arc::new(std::sync::atomic::AtomicI64::new(0));
             let store = PostgresStore::open(&options, Arc::clone(&clock), Arc::clone(&offset)).await?;
             let clock: Arc<dyn Clock> = if database_time { Arc::new(OffsetClock::new(clock, offset)) } else { clock };
-            Ok(Arc::new(Coordinator::new(AnyStore::Postgres(store), clock, limits)))
+            Ok(Arc::new(
+                Coordinator::new(AnyStore::Postgres(store), clock, limits).with_max_waiting(config.max_waiting),
+            ))
         }
     }
 }
@@ -142,8 +208,18 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = Stop> + Send + 'static,
 ) -> Result<(), ServerError> {
+    // TLS and the auth file first: a bad certificate stops the server before the store opens.
+    let options = ServeOptions::load(&config)?;
     let coordinator = open(&config, clock).await?;
     let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        protections = %options.security.describe(),
+        max_in_flight = options.max_in_flight,
+        max_waiting = config.max_waiting,
+        max_connections = options.max_connections,
+        idle_timeout = %humantime::format_duration(options.idle_timeout),
+        "protections in force"
+    );
     match coordinator.store() {
         AnyStore::Sled(_) => tracing::info!(
             listen = %listen,
@@ -160,7 +236,7 @@ pub async fn run(
             "serving"
         ),
     }
-    serve(listener, coordinator, ServeOptions::from(&config), shutdown).await
+    serve(listener, coordinator, options, shutdown).await
 }
 
 /// Serves `coordinator` on `listener` until `shutdown` completes, then drains and closes the store.
@@ -211,14 +287,39 @@ pub async fn serve<S: Store>(
     // applies to the decompressed size, so a small frame that inflates past it is refused with
     // RESOURCE_EXHAUSTED before anything is decoded. Replies go out uncompressed: compressing
     // every replay would cost more CPU than the bytes it saves on the networks this runs on.
-    let coordinator_service =
-        pb::coordinator_server::CoordinatorServer::new(CoordinatorService::new(Arc::clone(&coordinator)))
-            .accept_compressed(CompressionEncoding::Gzip)
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
+    let guard = Guard::new(options.security.auth.clone(), options.max_in_flight);
+    let coordinator_service = pb::coordinator_server::CoordinatorServer::new(CoordinatorService::new(
+        Arc::clone(&coordinator),
+        guard.clone(),
+    ))
+    .accept_compressed(CompressionEncoding::Gzip)
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
     let health_service = health_service.accept_compressed(CompressionEncoding::Gzip);
-    let reflection_v1 = reflection_v1.accept_compressed(CompressionEncoding::Gzip);
-    let reflection_v1alpha = reflection_v1alpha.accept_compressed(CompressionEncoding::Gzip);
+    let reflection_check = guard.reflection_check(options.security.reflection_requires_auth);
+    let reflection_v1 = tonic::service::interceptor::InterceptedService::new(
+        reflection_v1.accept_compressed(CompressionEncoding::Gzip),
+        reflection_check.clone(),
+    );
+    let reflection_v1alpha = tonic::service::interceptor::InterceptedService::new(
+        reflection_v1alpha.accept_compressed(CompressionEncoding::Gzip),
+        reflection_check,
+    );
+    if let Some(auth) = &options.security.auth {
+        coordinator.store().set_namespace_quotas(auth.rules().quotas().clone());
+    }
+    let reloads =
+        tokio::spawn(reload_on_change(options.security.clone(), Arc::clone(&coordinator), stop_background.clone()));
+    let stop_accepting = CancellationToken::new();
+    let (incoming, accepting) = listener::incoming(
+        listener,
+        ListenOptions {
+            tls: options.security.tls.clone(),
+            max_connections: options.max_connections,
+            idle_timeout: options.idle_timeout,
+        },
+        stop_accepting.clone(),
+    );
 
     let draining = CancellationToken::new();
     let drain_signal = {
@@ -243,13 +344,16 @@ pub async fn serve<S: Store>(
             draining.cancel();
         }
     };
+    let (keepalive_interval, keepalive_timeout) = options.keepalive;
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(options.max_streams_per_connection)
+        .http2_keepalive_interval((!keepalive_interval.is_zero()).then_some(keepalive_interval))
+        .http2_keepalive_timeout(Some(keepalive_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(coordinator_service)
-        .serve_with_incoming_shutdown(incoming(listener), drain_signal);
+        .serve_with_incoming_shutdown(incoming, drain_signal);
     tokio::pin!(server);
     let served = tokio::select! {
         result = &mut server => result,
@@ -262,7 +366,10 @@ pub async fn serve<S: Store>(
     // tasks stop and the store is flushed and closed.
     draining.cancel();
     stop_background.cancel();
+    stop_accepting.cancel();
     coordinator.drain();
+    let _ = accepting.await;
+    let _ = reloads.await;
     let _ = health_watch.await;
     let _ = sweeper.await;
     if let Some(wakeups) = wakeups {
@@ -274,13 +381,44 @@ pub async fn serve<S: Store>(
     closed
 }
 
-/// Accepted connections with TCP_NODELAY: without it, Nagle's algorithm holds back the second
-/// write of a reply (headers, then body) until the client's delayed ACK, about 40 ms per call.
-/// Keepalive probes find dead clients' connections so they do not pile up.
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
+/// Reloads the TLS material and the auth file on SIGHUP and when their files change (checked
+/// every second), and hands the auth file's quotas to the store.
+async fn reload_on_change<S: Store>(security: Security, coordinator: Arc<Coordinator<S>>, stop: CancellationToken) {
+    if security.tls.is_none() && security.auth.is_none() {
+        return;
+    }
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let forced = tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => false,
+            Some(()) = async { match &mut hangups { Some(hangups) => hangups.recv().await, None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: reloading TLS material and the auth file");
+                true
+            }
+        };
+        let security = security.clone();
+        // File reads and certificate parsing block: off the async workers.
+        let reloaded_auth = tokio::task::spawn_blocking(move || {
+            if let Some(tls) = &security.tls {
+                if forced {
+                    tls.reload()
+                } else {
+                    tls.reload_if_changed()
+                };
+            }
+            let auth = security.auth.as_ref()?;
+            let reloaded = if forced { auth.reload() } else { auth.reload_if_changed() };
+            reloaded.then(|| auth.rules())
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(rules) = reloaded_auth {
+            coordinator.store().set_namespace_quotas(rules.quotas().clone());
+        }
+    }
 }
 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {

@@ -14,18 +14,124 @@ use idempotency_core::domain::{
 };
 use idempotency_core::store::{ErrorChain, Store, StoreError};
 use idempotency_proto::{Reason, pb};
+
+use crate::auth::{Authorizer, Credentials, Denial, Role};
+use crate::listener::ConnectionInfo;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Status};
 use tracing::Instrument;
 
 /// The `idempotency.v1.Coordinator` service over a [`Coordinator`].
 pub struct CoordinatorService<S> {
     coordinator: Arc<Coordinator<S>>,
+    guard: Guard,
 }
 
 impl<S> CoordinatorService<S> {
-    /// Serves `coordinator`.
-    pub fn new(coordinator: Arc<Coordinator<S>>) -> Self {
-        CoordinatorService { coordinator }
+    /// Serves `coordinator`, admitting calls through `guard`.
+    pub fn new(coordinator: Arc<Coordinator<S>>, guard: Guard) -> Self {
+        CoordinatorService { coordinator, guard }
+    }
+}
+
+/// How long a caller refused as OVERLOADED is told to wait before trying again.
+const OVERLOADED_RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// What every call passes before it reaches the coordinator: admission (`--max-in-flight`) and
+/// the auth file's rules (none: every caller may do anything).
+#[derive(Clone)]
+pub struct Guard {
+    auth: Option<Arc<Authorizer>>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// The credentials a call came with, taken off the request before its message is consumed.
+struct CallCredentials {
+    authorization: Option<Vec<u8>>,
+    certificate: Option<Vec<u8>>,
+}
+
+impl CallCredentials {
+    fn of<T>(request: &Request<T>) -> CallCredentials {
+        CallCredentials {
+            authorization: request.metadata().get("authorization").map(|value| value.as_bytes().to_vec()),
+            certificate: request
+                .extensions()
+                .get::<ConnectionInfo>()
+                .and_then(|info| info.peer_certificates.as_ref())
+                .and_then(|chain| chain.first())
+                .map(|leaf| leaf.as_ref().to_vec()),
+        }
+    }
+
+    fn as_credentials(&self) -> Credentials<'_> {
+        Credentials { authorization: self.authorization.as_deref(), certificate: self.certificate.as_deref() }
+    }
+}
+
+impl Guard {
+    /// A guard with the auth file's rules (if any) and room for `max_in_flight` calls.
+    pub fn new(auth: Option<Arc<Authorizer>>, max_in_flight: usize) -> Guard {
+        Guard { auth, in_flight: Arc::new(Semaphore::new(max_in_flight)) }
+    }
+
+    /// A place among the calls in flight, or OVERLOADED at once.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| status_of(CallError::Overloaded))
+    }
+
+    /// Whether the credentials may make a call needing `role` in the raw `namespace`: unknown
+    /// credentials are refused before the request is looked at, then the namespace is validated
+    /// and judged. The caller's name, when there are rules.
+    fn authorize(
+        &self,
+        credentials: &CallCredentials,
+        namespace: &str,
+        role: Role,
+    ) -> Result<Option<String>, CallError> {
+        let Some(auth) = &self.auth else { return Ok(None) };
+        let rules = auth.rules();
+        let credentials = credentials.as_credentials();
+        rules.authenticate(&credentials).map_err(CallError::Denied)?;
+        let namespace = Namespace::parse(namespace)?;
+        rules.authorize(&credentials, &namespace, role).map(Some).map_err(CallError::Denied)
+    }
+
+    /// The check reflection calls pass: any known credentials when `required`, none otherwise.
+    pub fn reflection_check(&self, required: bool) -> impl tonic::service::Interceptor + Clone + use<> {
+        let auth = self.auth.clone().filter(|_| required);
+        move |request: Request<()>| {
+            if let Some(auth) = &auth {
+                let credentials = CallCredentials::of(&request);
+                auth.rules()
+                    .authenticate(&credentials.as_credentials())
+                    .map_err(|denial| status_of(CallError::Denied(denial)))?;
+            }
+            Ok(request)
+        }
+    }
+}
+
+/// Why a call did not succeed: refused before the coordinator, or by it.
+#[derive(Debug)]
+pub enum CallError {
+    /// The coordinator's answer.
+    Coordinator(Error),
+    /// The auth file's rules refused the call.
+    Denied(Denial),
+    /// `--max-in-flight` calls are being served.
+    Overloaded,
+}
+
+impl From<Error> for CallError {
+    fn from(error: Error) -> Self {
+        CallError::Coordinator(error)
+    }
+}
+
+impl From<InvalidInput> for CallError {
+    fn from(error: InvalidInput) -> Self {
+        CallError::Coordinator(Error::Invalid(error))
     }
 }
 
@@ -34,9 +140,15 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
     async fn claim(&self, request: Request<pb::ClaimRequest>) -> Result<tonic::Response<pb::ClaimResponse>, Status> {
         // Read first: the deadline counts from the call's arrival.
         let deadline = grpc_timeout(&request);
+        let _in_flight = self.guard.admit()?;
+        let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let span = tracing::info_span!("claim", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
+        let span = tracing::info_span!("claim", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
+            let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
+            if let Some(caller) = &caller {
+                tracing::Span::current().record("caller", caller.as_str());
+            }
             let (namespace, key) = address(&request.namespace, &request.key)?;
             let limits = self.coordinator.limits();
             let lease_ttl = limits.lease_ttl(duration(request.lease_ttl, lease_ttl_error(limits))?)?;
@@ -84,7 +196,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
             };
             tracing::Span::current().record("outcome", name);
             tracing::debug!("answered");
-            Ok::<_, Error>(tonic::Response::new(pb::ClaimResponse { outcome: Some(outcome) }))
+            Ok::<_, CallError>(tonic::Response::new(pb::ClaimResponse { outcome: Some(outcome) }))
         }
         .instrument(span)
         .await
@@ -97,9 +209,15 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         request: Request<pb::CompleteRequest>,
     ) -> Result<tonic::Response<pb::CompleteResponse>, Status> {
         let deadline = grpc_timeout(&request);
+        let _in_flight = self.guard.admit()?;
+        let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let span = tracing::info_span!("complete", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
+        let span = tracing::info_span!("complete", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
+            let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
+            if let Some(caller) = &caller {
+                tracing::Span::current().record("caller", caller.as_str());
+            }
             let (namespace, key) = address(&request.namespace, &request.key)?;
             let limits = self.coordinator.limits();
             let lease_token = LeaseToken::parse(&request.lease_token)?;
@@ -114,7 +232,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
             tracing::Span::current()
                 .record("outcome", if outcome.already_completed { "already_completed" } else { "completed" });
             tracing::debug!("answered");
-            Ok::<_, Error>(tonic::Response::new(pb::CompleteResponse {
+            Ok::<_, CallError>(tonic::Response::new(pb::CompleteResponse {
                 completed_at: Some(timestamp(outcome.completed_at)),
                 expires_at: Some(timestamp(outcome.expires_at)),
                 fencing_token: outcome.fencing_token.0,
@@ -129,9 +247,15 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
 
     async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<tonic::Response<pb::RenewResponse>, Status> {
         let deadline = grpc_timeout(&request);
+        let _in_flight = self.guard.admit()?;
+        let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let span = tracing::info_span!("renew", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
+        let span = tracing::info_span!("renew", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
+            let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
+            if let Some(caller) = &caller {
+                tracing::Span::current().record("caller", caller.as_str());
+            }
             let (namespace, key) = address(&request.namespace, &request.key)?;
             let limits = self.coordinator.limits();
             let lease_token = LeaseToken::parse(&request.lease_token)?;
@@ -142,7 +266,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                 .await?;
             tracing::Span::current().record("outcome", "renewed");
             tracing::debug!("answered");
-            Ok::<_, Error>(tonic::Response::new(pb::RenewResponse {
+            Ok::<_, CallError>(tonic::Response::new(pb::RenewResponse {
                 lease_expires_at: Some(timestamp(outcome.lease_expires_at)),
                 fencing_token: outcome.fencing_token.0,
             }))
@@ -158,15 +282,21 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<tonic::Response<pb::ReleaseResponse>, Status> {
         let deadline = grpc_timeout(&request);
+        let _in_flight = self.guard.admit()?;
+        let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let span = tracing::info_span!("release", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
+        let span = tracing::info_span!("release", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
+            let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
+            if let Some(caller) = &caller {
+                tracing::Span::current().record("caller", caller.as_str());
+            }
             let (namespace, key) = address(&request.namespace, &request.key)?;
             let lease_token = LeaseToken::parse(&request.lease_token)?;
             self.coordinator.release(&namespace, &key, &Release { lease_token }, answer_by(deadline)).await?;
             tracing::Span::current().record("outcome", "released");
             tracing::debug!("answered");
-            Ok::<_, Error>(tonic::Response::new(pb::ReleaseResponse {}))
+            Ok::<_, CallError>(tonic::Response::new(pb::ReleaseResponse {}))
         }
         .instrument(span)
         .await
@@ -176,9 +306,15 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<tonic::Response<pb::LookupResponse>, Status> {
         let deadline = grpc_timeout(&request);
+        let _in_flight = self.guard.admit()?;
+        let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let span = tracing::info_span!("lookup", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty);
+        let span = tracing::info_span!("lookup", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
+            let caller = self.guard.authorize(&credentials, &request.namespace, Role::Read)?;
+            if let Some(caller) = &caller {
+                tracing::Span::current().record("caller", caller.as_str());
+            }
             let (namespace, key) = address(&request.namespace, &request.key)?;
             let view = self.coordinator.lookup(&namespace, &key, answer_by(deadline)).await?;
             let state = match view.state {
@@ -193,7 +329,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                 Some((response, at)) => (Some(pb_response(response)), Some(timestamp(at))),
                 None => (None, None),
             };
-            Ok::<_, Error>(tonic::Response::new(pb::LookupResponse {
+            Ok::<_, CallError>(tonic::Response::new(pb::LookupResponse {
                 state: state.into(),
                 fingerprint: view.fingerprint.as_bytes().to_vec(),
                 fencing_token: view.fencing_token.0,
@@ -329,48 +465,69 @@ fn unix_seconds() -> u64 {
 
 /// The one mapping from errors to statuses: every error has its reason, and every reason its code
 /// ([`Reason::code`]).
-pub fn status_of(error: Error) -> Status {
-    {
-        let reason = match &error {
-            Error::Invalid(invalid) => invalid_reason(invalid),
-            Error::Store(StoreError::Rejected(Rejection::FingerprintMismatch)) => Reason::FingerprintMismatch,
-            Error::Store(StoreError::Rejected(Rejection::AlreadyCompleted)) => Reason::AlreadyCompleted,
-            Error::Store(StoreError::Rejected(Rejection::LeaseLost)) => Reason::LeaseLost,
-            Error::Store(StoreError::Rejected(Rejection::NotFound)) => Reason::KeyNotFound,
-            Error::Store(StoreError::Full { .. }) => Reason::StoreFull,
-            Error::Store(StoreError::Unavailable { .. }) => {
-                // During an outage every call fails; the store logs the outage itself, so calls
-                // log one line per second, with how many similar failures it stands for.
-                match UNAVAILABLE_LOG.admit(unix_seconds()) {
-                    Some(suppressed) => tracing::warn!(error = %ErrorChain(&error), suppressed, "storage unavailable"),
-                    None => tracing::debug!(error = %ErrorChain(&error), "storage unavailable"),
+pub fn status_of(error: CallError) -> Status {
+    let error = match error {
+        CallError::Coordinator(error) => error,
+        CallError::Overloaded => {
+            return Reason::Overloaded.status_with_retry(
+                "the server is serving as many calls as it may; retry shortly",
+                HashMap::new(),
+                OVERLOADED_RETRY_AFTER,
+            );
+        }
+        CallError::Denied(denial) => {
+            let (reason, message) = match denial {
+                Denial::Unauthenticated => {
+                    (Reason::Unauthenticated, "send a bearer token or a client certificate the server knows")
                 }
-                Reason::StoreUnavailable
-            }
-            Error::Store(StoreError::Corrupt(_)) => {
-                tracing::error!(error = %ErrorChain(&error), "internal error");
-                Reason::Internal
-            }
-            Error::ShuttingDown => Reason::ShuttingDown,
-        };
-        let mut metadata = HashMap::new();
-        if let Error::Invalid(invalid) = &error {
-            metadata.insert("field".to_owned(), invalid.field().to_owned());
-            if let Some(limit) = invalid_limit(invalid) {
-                metadata.insert("limit".to_owned(), limit);
-            }
+                Denial::NamespaceNotAllowed => {
+                    (Reason::NamespaceNotAllowed, "the credentials do not allow this namespace")
+                }
+                Denial::RoleNotAllowed => (Reason::RoleNotAllowed, "the credentials' role does not allow this call"),
+            };
+            return reason.status(message, HashMap::new());
         }
-        if let Error::Store(StoreError::Full { max_records }) = &error {
-            metadata.insert("limit".to_owned(), max_records.to_string());
+    };
+    let reason = match &error {
+        Error::Invalid(invalid) => invalid_reason(invalid),
+        Error::Store(StoreError::Rejected(Rejection::FingerprintMismatch)) => Reason::FingerprintMismatch,
+        Error::Store(StoreError::Rejected(Rejection::AlreadyCompleted)) => Reason::AlreadyCompleted,
+        Error::Store(StoreError::Rejected(Rejection::LeaseLost)) => Reason::LeaseLost,
+        Error::Store(StoreError::Rejected(Rejection::NotFound)) => Reason::KeyNotFound,
+        Error::Store(StoreError::Full { .. }) => Reason::StoreFull,
+        Error::Store(StoreError::NamespaceFull { .. }) => Reason::NamespaceFull,
+        Error::Store(StoreError::Unavailable { .. }) => {
+            // During an outage every call fails; the store logs the outage itself, so calls
+            // log one line per second, with how many similar failures it stands for.
+            match UNAVAILABLE_LOG.admit(unix_seconds()) {
+                Some(suppressed) => tracing::warn!(error = %ErrorChain(&error), suppressed, "storage unavailable"),
+                None => tracing::debug!(error = %ErrorChain(&error), "storage unavailable"),
+            }
+            Reason::StoreUnavailable
         }
-        // Details of faults stay in the log; causes of an outage too.
-        let message = match &error {
-            Error::Store(StoreError::Corrupt(_)) => "internal error".to_owned(),
-            Error::Store(StoreError::Unavailable { .. }) => "storage unavailable".to_owned(),
-            _ => error.to_string(),
-        };
-        reason.status(message, metadata)
+        Error::Store(StoreError::Corrupt(_)) => {
+            tracing::error!(error = %ErrorChain(&error), "internal error");
+            Reason::Internal
+        }
+        Error::ShuttingDown => Reason::ShuttingDown,
+    };
+    let mut metadata = HashMap::new();
+    if let Error::Invalid(invalid) = &error {
+        metadata.insert("field".to_owned(), invalid.field().to_owned());
+        if let Some(limit) = invalid_limit(invalid) {
+            metadata.insert("limit".to_owned(), limit);
+        }
     }
+    if let Error::Store(StoreError::Full { max_records } | StoreError::NamespaceFull { max_records }) = &error {
+        metadata.insert("limit".to_owned(), max_records.to_string());
+    }
+    // Details of faults stay in the log; causes of an outage too.
+    let message = match &error {
+        Error::Store(StoreError::Corrupt(_)) => "internal error".to_owned(),
+        Error::Store(StoreError::Unavailable { .. }) => "storage unavailable".to_owned(),
+        _ => error.to_string(),
+    };
+    reason.status(message, metadata)
 }
 
 fn invalid_reason(invalid: &InvalidInput) -> Reason {

@@ -103,6 +103,13 @@ impl Store for AnyStore {
         }
     }
 
+    fn set_namespace_quotas(&self, quotas: std::collections::HashMap<Namespace, u64>) {
+        match self {
+            AnyStore::Sled(store) => store.set_namespace_quotas(quotas),
+            AnyStore::Postgres(store) => store.set_namespace_quotas(quotas),
+        }
+    }
+
     fn record_count(&self) -> u64 {
         match self {
             AnyStore::Sled(store) => store.record_count(),

@@ -453,6 +453,11 @@ async fn serve_on(
         drain_delay: Duration::ZERO,
         shutdown_grace: Duration::from_secs(1),
         max_streams_per_connection: 256,
+        max_in_flight: 512,
+        max_connections: 1024,
+        idle_timeout: Duration::from_secs(300),
+        keepalive: (Duration::from_secs(30), Duration::from_secs(20)),
+        security: Default::default(),
     };
     let task = tokio::spawn(async move {
         let _ = server::serve(listener, coordinator, serve_options, async move {
@@ -602,6 +607,10 @@ fn bench_options(target: String, scenario: idempotency_bench::Scenario) -> idemp
         synchronous_commit: true,
         rate: 0,
         json: false,
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+        token_file: None,
     }
 }
 

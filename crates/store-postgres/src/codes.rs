@@ -25,6 +25,8 @@ pub(crate) enum OutcomeCode {
     AlreadyCompleted = 13,
     /// The key is absent.
     NotFound = 14,
+    /// Claim: a new key in a namespace holding its quota.
+    NamespaceFull = 15,
 }
 
 impl OutcomeCode {
@@ -41,6 +43,7 @@ impl OutcomeCode {
             LeaseLost,
             AlreadyCompleted,
             NotFound,
+            NamespaceFull,
         ]
         .into_iter()
         .find(|known| *known as i16 == code)

@@ -82,6 +82,7 @@ pub async fn import(
     while records.peek().is_some() {
         let transaction = client.transaction().await?;
         let mut inserted = 0i64;
+        let mut inserted_by_namespace: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
         for entry in records.by_ref().take(IMPORT_BATCH) {
             let (namespace, key, record) = entry.map_err(ImportError::Source)?;
             highest = highest.max(record.fencing_token.0);
@@ -112,6 +113,7 @@ pub async fn import(
             match row.map(|row| row.get::<_, bool>(0)) {
                 Some(true) => {
                     inserted += 1;
+                    *inserted_by_namespace.entry(namespace.as_str().to_owned()).or_default() += 1;
                     report.inserted += 1;
                 }
                 Some(false) => report.replaced += 1,
@@ -119,6 +121,15 @@ pub async fn import(
             }
         }
         transaction.execute("UPDATE record_count SET n = n + $1 WHERE shard = 0", &[&inserted]).await?;
+        for (namespace, added) in &inserted_by_namespace {
+            transaction
+                .execute(
+                    "INSERT INTO namespace_records (namespace, shard, n) VALUES ($1, 0, $2)
+                     ON CONFLICT (namespace, shard) DO UPDATE SET n = namespace_records.n + EXCLUDED.n",
+                    &[namespace, added],
+                )
+                .await?;
+        }
         transaction.commit().await?;
     }
     // Tokens are drawn from a bigint sequence, so none can be above i64::MAX.

@@ -103,7 +103,8 @@ impl Outcome<'_> {
                 | OutcomeCode::InProgress
                 | OutcomeCode::Completed
                 | OutcomeCode::AlreadyCompletedByThisToken
-                | OutcomeCode::StoreFull,
+                | OutcomeCode::StoreFull
+                | OutcomeCode::NamespaceFull,
             ) => None,
             Err(error) => Some(error),
         }

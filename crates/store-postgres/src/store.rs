@@ -1,5 +1,6 @@
 //! [`PostgresStore`]: the [`Store`] on PostgreSQL, its options, and its health task.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use idempotency_core::domain::{
     Replay, RequestId, Timestamp,
 };
 use idempotency_core::store::{Store, StoreError, SweepReport, Wakeup};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
@@ -77,6 +78,8 @@ pub(crate) struct PoolState {
     wakeups: Mutex<Option<mpsc::UnboundedReceiver<Wakeup>>>,
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The per-namespace record quotas, by namespace.
+    quotas: RwLock<HashMap<String, u64>>,
 }
 
 impl PostgresStore {
@@ -139,6 +142,7 @@ impl PostgresStore {
                 wakeups: Mutex::new(Some(wake_rx)),
                 stop: CancellationToken::new(),
                 tasks: Mutex::new(Vec::new()),
+                quotas: RwLock::new(HashMap::new()),
             }),
         };
         store.inner.check_health().await;
@@ -265,7 +269,7 @@ impl PoolState {
     }
 }
 
-const CLAIM: &str = "SELECT * FROM claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+const CLAIM: &str = "SELECT * FROM claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 const COMPLETE: &str = "SELECT * FROM complete($1, $2, $3, $4, $5, $6)";
 const RENEW: &str = "SELECT * FROM renew($1, $2, $3, $4, $5)";
 const RELEASE: &str = "SELECT * FROM release($1, $2, $3, $4)";
@@ -283,6 +287,8 @@ impl Store for PostgresStore {
         waiting: bool,
     ) -> Result<ClaimOutcome, StoreError> {
         let inner = &self.inner;
+        let namespace_max =
+            inner.quotas.read().get(namespace.as_str()).map(|max| i64::try_from(*max).unwrap_or(i64::MAX));
         let row = inner
             .query_one(
                 CLAIM,
@@ -297,6 +303,7 @@ impl Store for PostgresStore {
                     &command.owner.as_str(),
                     &command.new_lease_token.as_uuid(),
                     &inner.max_records_param(),
+                    &namespace_max,
                     &waiting,
                 ],
             )
@@ -329,6 +336,9 @@ impl Store for PostgresStore {
                 fencing_token: outcome.fencing_token()?,
             })),
             OutcomeCode::StoreFull => Err(StoreError::Full { max_records: inner.max_records }),
+            OutcomeCode::NamespaceFull => Err(StoreError::NamespaceFull {
+                max_records: inner.quotas.read().get(namespace.as_str()).copied().unwrap_or(0),
+            }),
             code => Err(corrupt(&format!("the outcome {code:?} from claim"))),
         }
     }
@@ -436,6 +446,11 @@ impl Store for PostgresStore {
         let deleted: i32 = row.get(0);
         let deleted = usize::try_from(deleted).unwrap_or(0);
         Ok(SweepReport { deleted, scanned: deleted, more: deleted >= batch })
+    }
+
+    fn set_namespace_quotas(&self, quotas: HashMap<Namespace, u64>) {
+        *self.inner.quotas.write() =
+            quotas.into_iter().map(|(namespace, max)| (namespace.as_str().to_owned(), max)).collect();
     }
 
     fn record_count(&self) -> u64 {

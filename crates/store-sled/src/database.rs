@@ -1,17 +1,21 @@
 //! One opening of the sled database: the stripe locks that make each key's read-decide-write
 //! atomic, the record limit, the writes in crash-safe order, and sweeping.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use idempotency_core::domain::{Record, RecordState, Timestamp, Transition};
 use idempotency_core::store::{StoreError, SweepReport};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::durable::durable_flush;
 use crate::fencing::FENCING_RESERVATION;
 use crate::fencing::FencingCounter;
 use crate::group_commit::GroupCommit;
-use crate::layout::{BODY_APART, Body, INDEX_PREFIX, RECORD_PREFIX, body_key, decode_stored, expiry_bucket, index_key};
+use crate::layout::{
+    BODY_APART, Body, INDEX_PREFIX, RECORD_PREFIX, body_key, decode_stored, expiry_bucket, index_key, namespace_of,
+};
 use crate::store::{Durability, FlushWrapper, OpenError, SledOptions};
 use crate::unavailable;
 
@@ -30,6 +34,10 @@ pub(crate) struct OpenDatabase {
     pub(crate) fencing: Mutex<FencingCounter>,
     pub(crate) records: AtomicU64,
     pub(crate) max_records: u64,
+    /// Records per namespace (by its bytes), kept for quotas, which may be set at any time.
+    pub(crate) namespace_records: Mutex<HashMap<Box<[u8]>, u64>>,
+    /// The per-namespace quotas, shared with the store (they outlive a reopening).
+    pub(crate) quotas: Arc<RwLock<HashMap<String, u64>>>,
     pub(crate) commit: Option<GroupCommit>,
 }
 
@@ -66,11 +74,12 @@ impl OpenDatabase {
             return Ok((transition.outcome, stripe.last_write));
         };
         if current.is_none() {
-            self.reserve_record_slot(now).map_err(|error| self.write_failed(error))?;
+            self.reserve_record_slot(record_key, now).map_err(|error| self.write_failed(error))?;
         }
         if let Err(error) = self.write(record_key, current.as_ref(), record) {
             if current.is_none() {
                 self.records.fetch_sub(1, Ordering::SeqCst);
+                self.count_namespace(record_key, -1);
             }
             return Err(self.write_failed(error));
         }
@@ -78,9 +87,29 @@ impl OpenDatabase {
         Ok((transition.outcome, stripe.last_write))
     }
 
-    /// Counts a new record in, or fails with `Full`. Expired records count until swept, so a
-    /// full store first sweeps a small batch inline (skipping keys locked by others) and retries.
-    pub(crate) fn reserve_record_slot(&self, now: Timestamp) -> Result<(), StoreError> {
+    /// Counts a new record in, or fails with `NamespaceFull` (its namespace holds its quota) or
+    /// `Full` (the store holds its maximum). Expired records count until swept, so a full store
+    /// or namespace first sweeps a small batch inline (skipping keys locked by others) and retries.
+    pub(crate) fn reserve_record_slot(&self, record_key: &[u8], now: Timestamp) -> Result<(), StoreError> {
+        let namespace = namespace_of(record_key);
+        let quota = std::str::from_utf8(namespace).ok().and_then(|name| self.quotas.read().get(name).copied());
+        // The namespace's count is checked and raised under one lock, so that concurrent Claims
+        // of new keys cannot pass its quota together.
+        let reserve_in_namespace = || {
+            let mut counts = self.namespace_records.lock();
+            let count = counts.entry(namespace.into()).or_insert(0);
+            if quota.is_some_and(|max| *count >= max) {
+                return false;
+            }
+            *count += 1;
+            true
+        };
+        if !reserve_in_namespace() {
+            self.sweep(now, INLINE_SWEEP_BATCH, LockWait::Skip, SweepReach::CurrentSecond)?;
+            if !reserve_in_namespace() {
+                return Err(StoreError::NamespaceFull { max_records: quota.unwrap_or(0) });
+            }
+        }
         let max_records = self.max_records;
         let reserve = || {
             self.records
@@ -90,8 +119,20 @@ impl OpenDatabase {
         if reserve() {
             return Ok(());
         }
-        self.sweep(now, INLINE_SWEEP_BATCH, LockWait::Skip, SweepReach::CurrentSecond)?;
-        if reserve() { Ok(()) } else { Err(StoreError::Full { max_records }) }
+        let swept = self.sweep(now, INLINE_SWEEP_BATCH, LockWait::Skip, SweepReach::CurrentSecond);
+        if swept.is_ok() && reserve() {
+            return Ok(());
+        }
+        self.count_namespace(record_key, -1);
+        swept?;
+        Err(StoreError::Full { max_records })
+    }
+
+    /// Adds `change` to the record count of `record_key`'s namespace.
+    pub(crate) fn count_namespace(&self, record_key: &[u8], change: i64) {
+        let mut counts = self.namespace_records.lock();
+        let count = counts.entry(namespace_of(record_key).into()).or_insert(0);
+        *count = count.saturating_add_signed(change);
     }
 
     /// Passes `error` on; when sled refused a write, first stops the group commit, so that the
@@ -205,6 +246,7 @@ impl OpenDatabase {
                         self.db.remove(record_key).map_err(unavailable)?;
                         self.db.remove(body_key(record_key)).map_err(unavailable)?;
                         self.records.fetch_sub(1, Ordering::SeqCst);
+                        self.count_namespace(record_key, -1);
                         report.deleted += 1;
                     } else {
                         // Only in the current second's bucket: not expired yet, so it stays indexed.
@@ -242,7 +284,11 @@ pub(crate) enum LockWait {
     Skip,
 }
 
-pub(crate) fn open_database(options: &SledOptions, wrap: &FlushWrapper) -> Result<OpenDatabase, OpenError> {
+pub(crate) fn open_database(
+    options: &SledOptions,
+    wrap: &FlushWrapper,
+    quotas: &Arc<RwLock<HashMap<String, u64>>>,
+) -> Result<OpenDatabase, OpenError> {
     let path = options.path.clone();
     let sled_error = |source| OpenError::Sled { path: path.clone(), source };
     let flush_every_ms = match options.durability {
@@ -263,9 +309,11 @@ pub(crate) fn open_database(options: &SledOptions, wrap: &FlushWrapper) -> Resul
         })?,
     };
     let mut records = 0u64;
+    let mut namespace_records: HashMap<Box<[u8]>, u64> = HashMap::new();
     for entry in db.scan_prefix([RECORD_PREFIX]).keys() {
-        entry.map_err(sled_error)?;
+        let key = entry.map_err(sled_error)?;
         records += 1;
+        *namespace_records.entry(namespace_of(&key).into()).or_insert(0) += 1;
     }
     let io_error = |source| OpenError::Io { path: path.clone(), source };
     let commit = match options.durability {
@@ -281,6 +329,8 @@ pub(crate) fn open_database(options: &SledOptions, wrap: &FlushWrapper) -> Resul
         fencing: Mutex::new(FencingCounter { last: reserved, reserved }),
         records: AtomicU64::new(records),
         max_records: options.max_records,
+        namespace_records: Mutex::new(namespace_records),
+        quotas: Arc::clone(quotas),
         commit,
     })
 }

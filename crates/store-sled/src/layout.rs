@@ -45,6 +45,14 @@ pub(crate) fn record_key(namespace: &Namespace, key: &Key) -> Vec<u8> {
     bytes
 }
 
+/// The namespace bytes of a record key (empty for a key of another layout).
+pub(crate) fn namespace_of(record_key: &[u8]) -> &[u8] {
+    match record_key {
+        [_, length, rest @ ..] => rest.get(..usize::from(*length)).unwrap_or(&[]),
+        _ => &[],
+    }
+}
+
 /// Where the response body of the record under `record_key` is stored apart.
 pub(crate) fn body_key(record_key: &[u8]) -> Vec<u8> {
     let mut bytes = record_key.to_vec();

@@ -1,6 +1,7 @@
 //! [`SledStore`]: the [`Store`] over one data directory, its options and errors, and what it
 //! offers beyond the trait (export for `migrate`).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,6 +112,8 @@ pub(crate) struct StoreState {
     pub(crate) sweeps: SweepThread,
     /// Records swept since freed memory was last handed back to the system.
     pub(crate) swept_since_trim: AtomicU64,
+    /// The per-namespace record quotas, by namespace.
+    pub(crate) quotas: Arc<RwLock<HashMap<String, u64>>>,
 }
 
 impl SledStore {
@@ -130,7 +133,8 @@ impl SledStore {
     }
 
     fn open_wrapped(options: &SledOptions, wrap: FlushWrapper) -> Result<SledStore, OpenError> {
-        let inner = open_database(options, &wrap)?;
+        let quotas = Arc::new(RwLock::new(HashMap::new()));
+        let inner = open_database(options, &wrap, &quotas)?;
         let shared = Arc::new(StoreState {
             options: options.clone(),
             wrap,
@@ -141,6 +145,7 @@ impl SledStore {
             supervisor: Mutex::new(None),
             sweeps: SweepThread::start(&options.path)?,
             swept_since_trim: AtomicU64::new(0),
+            quotas,
         });
         if options.durability == Durability::Strict {
             let supervised = Arc::clone(&shared);
@@ -296,6 +301,11 @@ impl Store for SledStore {
             })
             .await
             .ok_or_else(|| StoreError::unavailable("the store is closed"))?
+    }
+
+    fn set_namespace_quotas(&self, quotas: HashMap<Namespace, u64>) {
+        *self.shared.quotas.write() =
+            quotas.into_iter().map(|(namespace, max)| (namespace.as_str().to_owned(), max)).collect();
     }
 
     fn record_count(&self) -> u64 {

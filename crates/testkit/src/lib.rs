@@ -6,6 +6,7 @@
 #![warn(unreachable_pub)]
 
 pub mod history;
+pub mod pki;
 mod random;
 
 pub use random::{Rng, body_size};
@@ -170,7 +171,7 @@ impl TestServer {
             }
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let options = ServeOptions::from(&self.config);
+        let options = ServeOptions::load(&self.config).expect("the TLS material and the auth file load");
         self.task = Some(tokio::spawn(server::serve(listener, Arc::clone(&coordinator), options, async move {
             let _ = stopped.await;
             server::Stop::Now

@@ -48,6 +48,10 @@ async fn a_steady_load_with_sweeping_keeps_memory_and_disk_flat() {
         synchronous_commit: true,
         rate: 400,
         json: false,
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+        token_file: None,
     };
     let load = tokio::spawn(idempotency_bench::run(options));
     let mut samples = Vec::new();
