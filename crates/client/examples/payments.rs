@@ -33,7 +33,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use clap::Parser;
 use idempotency_client::Lease;
-use idempotency_client::http::IdempotencyLayer;
+use idempotency_client::http::{IdempotencyKey, IdempotencyLayer};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Parser)]
@@ -103,6 +103,7 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response {
 async fn create_payment(
     State(app): State<Arc<App>>,
     lease: Option<Extension<Lease>>,
+    key: Option<Extension<IdempotencyKey>>,
     headers: HeaderMap,
     Json(new): Json<NewPayment>,
 ) -> Response {
@@ -134,7 +135,8 @@ async fn create_payment(
     if !app.work.is_zero() {
         tokio::time::sleep(app.work).await;
     }
-    let key = header_text(&headers, "idempotency-key").unwrap_or_default();
+    // The key as the layer parsed it (a Structured Header String loses its quotes).
+    let key = key.map(|Extension(IdempotencyKey(key))| key).unwrap_or_default();
     let tenant = header_text(&headers, "x-tenant");
     let mut ledger = app.ledger.lock().expect("no panic while the ledger is held");
     // The fence: a holder whose lease was taken over must not write after the new holder.

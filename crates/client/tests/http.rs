@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use idempotency_client::http::{IdempotencyLayer, StorePolicy};
+use idempotency_client::http::{IdempotencyKey, IdempotencyLayer, StorePolicy};
 use idempotency_client::{Client, KeyState, Lease};
 use idempotency_testkit::TestServer;
 use tower::{Layer, Service, ServiceExt};
@@ -132,19 +132,21 @@ async fn the_handler_finds_the_lease_in_the_request_and_the_stored_headers_repla
     let router = Router::new()
         .route(
             "/thing",
-            post(|Extension(lease): Extension<Lease>| async move {
-                let mut response = (StatusCode::CREATED, format!("token {}", lease.fencing_token())).into_response();
+            post(|Extension(lease): Extension<Lease>, Extension(IdempotencyKey(key)): Extension<IdempotencyKey>| async move {
+                let mut response =
+                    (StatusCode::CREATED, format!("token {} for {key}", lease.fencing_token())).into_response();
                 response.headers_mut().insert("location", "/thing/1".parse().unwrap());
                 response.headers_mut().insert("x-not-stored", "no".parse().unwrap());
                 response
             }),
         )
         .layer(layer);
-    let (status, first_headers, body) = send(&router, post_with_key("lease", "x")).await;
+    // A Structured Header String: the handler gets the key without its quotes.
+    let (status, first_headers, body) = send(&router, post_with_key("\"lease\"", "x")).await;
     assert_eq!(status, StatusCode::CREATED);
     let view = client.lookup("http-tests", "0:lease").await.unwrap();
     assert_eq!(view.state, KeyState::Completed);
-    assert_eq!(body, format!("token {}", view.fencing_token));
+    assert_eq!(body, format!("token {} for lease", view.fencing_token));
     assert_eq!(first_headers["x-not-stored"], "no");
     let (status, headers, replayed) = send(&router, post_with_key("lease", "x")).await;
     assert_eq!((status, replayed), (StatusCode::CREATED, body));
@@ -224,4 +226,129 @@ async fn an_inner_service_that_fails_without_a_response_leaves_the_lease_to_laps
     assert_eq!(client.lookup("http-tests", "0:broken").await.unwrap().state, KeyState::InProgress, "not released");
     server.advance(std::time::Duration::from_secs(1));
     assert_eq!(client.lookup("http-tests", "0:broken").await.unwrap().state, KeyState::LeaseExpired);
+}
+
+/// Sets its flag when dropped: tells whether a handler's future was cancelled.
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn state_settles(client: &Client, key: &str, want: KeyState) -> KeyState {
+    let mut state = client.lookup("http-tests", key).await.unwrap().state;
+    for _ in 0..100 {
+        if state == want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        state = client.lookup("http-tests", key).await.unwrap().state;
+    }
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_after_the_answer_still_gets_it_stored() {
+    let server = TestServer::start().await;
+    let (client, layer) = layer_for(&server).await;
+    // The handler answers with a body that is still streaming when the client leaves; the layer
+    // reads it to its end and stores it, so that the retry replays it instead of running again.
+    let (rest_tx, mut rest_rx) = tokio::sync::mpsc::channel::<tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>>(1);
+    let router = Router::new()
+        .route(
+            "/thing",
+            post(move || {
+                let rest_tx = rest_tx.clone();
+                async move {
+                    let (chunks, body) = tokio::sync::mpsc::channel(4);
+                    chunks.send(Ok(Bytes::from_static(b"the start"))).await.unwrap();
+                    rest_tx.send(chunks).await.unwrap();
+                    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body))
+                }
+            }),
+        )
+        .layer(layer);
+    let caller = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, post_with_key("gone-after", "x")).await }
+    });
+    let chunks = rest_rx.recv().await.unwrap();
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    chunks.send(Ok(Bytes::from_static(b" and the rest"))).await.unwrap();
+    drop(chunks);
+    assert_eq!(state_settles(&client, "0:gone-after", KeyState::Completed).await, KeyState::Completed);
+    let (status, headers, body) = send(&router, post_with_key("gone-after", "x")).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"the start and the rest"[..]));
+    assert_eq!(headers["idempotent-replayed"], "true");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_before_the_answer_cancels_the_handler_and_leaves_the_lease() {
+    let server = TestServer::start().await;
+    let (client, layer) = layer_for(&server).await;
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let flag = Arc::clone(&dropped);
+    let router = Router::new()
+        .route(
+            "/thing",
+            post(move || {
+                let (flag, started_tx) = (DropFlag(Arc::clone(&flag)), started_tx.clone());
+                async move {
+                    let _flag = flag;
+                    started_tx.send(()).await.unwrap();
+                    std::future::pending::<()>().await;
+                    "never"
+                }
+            }),
+        )
+        .layer(layer.lease_ttl(std::time::Duration::from_secs(1)));
+    let caller = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, post_with_key("gone-before", "x")).await }
+    });
+    started_rx.recv().await.unwrap();
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    for _ in 0..100 {
+        if dropped.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(dropped.load(Ordering::SeqCst), "the handler is cancelled with its client");
+    let view = client.lookup("http-tests", "0:gone-before").await.unwrap();
+    assert_eq!(view.state, KeyState::InProgress, "not released: the mutation may have partly happened");
+    server.advance(std::time::Duration::from_secs(1));
+    assert_eq!(client.lookup("http-tests", "0:gone-before").await.unwrap().state, KeyState::LeaseExpired);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_of_the_services_own_request_is_a_500_and_an_outage_a_503() {
+    let server = TestServer::start().await;
+    let (_, layer) = layer_for(&server).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    // A lease longer than the server allows: this API's configuration, which no retry fixes.
+    let router =
+        counting(&runs, StatusCode::OK, "ran").layer(layer.lease_ttl(std::time::Duration::from_secs(100 * 3600)));
+    let (status, headers, body) = send(&router, post_with_key("misconfigured", "x")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(headers.get("retry-after").is_none());
+    let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem["type"], "urn:idempotency:misconfigured");
+
+    // Nothing listens on the port: an outage, worth a retry.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect_lazy();
+    let router =
+        counting(&runs, StatusCode::OK, "ran").layer(IdempotencyLayer::new(Client::new(channel), "http-tests"));
+    let (status, headers, body) = send(&router, post_with_key("outage", "x")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "1");
+    let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem["type"], "urn:idempotency:unavailable");
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "neither ran the handler");
 }

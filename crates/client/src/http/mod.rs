@@ -20,8 +20,12 @@
 //!   key so that a retry runs again. [`IdempotencyLayer::store_policy`] overrides this.
 //! - answers 503 with `Retry-After` when the coordinator cannot be reached or is unavailable,
 //!   without running the inner service (fail closed);
-//! - leaves the lease to lapse when the inner service panics or the client goes away (nothing is
-//!   released: the mutation may have partly happened); the next retry after the lease takes over.
+//! - leaves the lease to lapse when the inner service panics, or the client goes away before it
+//!   answered (nothing is released: the mutation may have partly happened); the next retry after
+//!   the lease takes over. Once the inner service has answered, its answer is stored even if the
+//!   client has gone;
+//! - answers 500 `urn:idempotency:misconfigured` when the coordinator refuses the service's own
+//!   request (its credentials, namespace or lease bounds): that is no outage, and no retry fixes it.
 //!
 //! A response too large for the coordinator is still returned whole to its first caller (the
 //! mutation ran, so it must not run again), and a 500 problem whose `type` says the response was
@@ -55,6 +59,11 @@ pub use problem::Problem;
 
 use crate::{Client, Error, Failure, Lease, Reason, Stored};
 use key::{KeyError, key_of, stored_key};
+
+/// The request's idempotency key as the layer parsed it (without the quotes of a Structured Header
+/// String), in the request's extensions beside the [`Lease`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(pub String);
 
 /// The header a replayed response carries (as Stripe's API does; the draft has none yet).
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
@@ -335,7 +344,7 @@ where
         }
         Err(error) => {
             // The client went away or sent a broken body: nothing was claimed.
-            return Ok(Problem::KeyInvalid.response(&format!("the request body could not be read: {error}"), None));
+            return Ok(Problem::BodyUnreadable.response(&format!("the request body could not be read: {error}"), None));
         }
     };
     let scope = settings.scope.as_ref().and_then(|scope| scope(&parts));
@@ -361,48 +370,66 @@ where
     let first: FirstAnswer<ResBody, S::Error> = Arc::default();
     let answered = Arc::clone(&first);
     let work_settings = Arc::clone(&settings);
-    let result = idempotent
-        .run(move |lease: Lease| async move {
-            let mut request = Request::from_parts(parts, ReqBody::from(body));
-            request.extensions_mut().insert(lease);
-            let response = match inner.call(request).await {
-                Ok(response) => response,
-                Err(error) => {
-                    // No response, and no telling what the service did: the lease lapses.
-                    keep(&answered, Err(error));
-                    return Err(Failure::abandon(Released("the inner service failed")));
-                }
-            };
-            let (head, body) = response.into_parts();
-            match buffer(body, work_settings.response_limit).await {
-                Buffered::Whole(bytes) => {
-                    let stored = stored_response(&work_settings, &head, &bytes);
-                    let policy = (work_settings.store_policy)(head.status, &head.headers);
-                    keep(&answered, Ok(Response::from_parts(head, ResponseBody::buffered(bytes))));
-                    match policy {
-                        StorePolicy::Release => Err(Failure::retry(Released("released by the store policy"))),
-                        StorePolicy::Store if encoded_size(&stored) <= work_settings.response_limit => Ok(stored),
-                        StorePolicy::Store => Err(not_stored("the response is over the coordinator's limit")),
-                    }
-                }
-                Buffered::TooLarge { prefix, rest } => {
-                    keep(
-                        &answered,
-                        Ok(Response::from_parts(head, ResponseBody::Prefixed { prefix: Some(prefix), rest })),
-                    );
-                    Err(not_stored("the response is over the coordinator's limit"))
-                }
-                Buffered::Broken(error) => {
-                    // The inner service acted, but its response broke off: what to replay is
-                    // unknown, so a problem is stored and returned.
-                    let problem = Problem::ResponseNotStored;
-                    let detail = format!("the response body failed: {error}");
-                    keep(&answered, Ok(problem.response(&detail, None)));
-                    Err(not_stored("the response body failed"))
+    // The run goes on in a task of its own, so that once the inner service has answered, the
+    // answer is stored even if the client goes away meanwhile (a retry then gets the replay
+    // instead of running the mutation again). Until then, the client going away (this future
+    // dropped, and with it `_client_waits`) abandons the attempt: the lease lapses.
+    let (_client_waits, client_gone) = tokio::sync::oneshot::channel::<()>();
+    let parsed_key = IdempotencyKey(key.clone());
+    let run = tokio::spawn(idempotent.run(move |lease: Lease| async move {
+        let mut request = Request::from_parts(parts, ReqBody::from(body));
+        request.extensions_mut().insert(lease);
+        request.extensions_mut().insert(parsed_key);
+        let called = inner.call(request);
+        let response = tokio::select! {
+            biased;
+            response = called => response,
+            _ = client_gone => return Err(Failure::abandon(Released("the client went away"))),
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(error) => {
+                // No response, and no telling what the service did: the lease lapses.
+                keep(&answered, Err(error));
+                return Err(Failure::abandon(Released("the inner service failed")));
+            }
+        };
+        let (head, body) = response.into_parts();
+        match buffer(body, work_settings.response_limit).await {
+            Buffered::Whole(bytes) => {
+                let stored = stored_response(&work_settings, &head, &bytes);
+                let policy = (work_settings.store_policy)(head.status, &head.headers);
+                keep(&answered, Ok(Response::from_parts(head, ResponseBody::buffered(bytes))));
+                match policy {
+                    StorePolicy::Release => Err(Failure::retry(Released("released by the store policy"))),
+                    StorePolicy::Store if encoded_size(&stored) <= work_settings.response_limit => Ok(stored),
+                    StorePolicy::Store => Err(not_stored("the response is over the coordinator's limit")),
                 }
             }
-        })
-        .await;
+            Buffered::TooLarge { prefix, rest } => {
+                keep(&answered, Ok(Response::from_parts(head, ResponseBody::Prefixed { prefix: Some(prefix), rest })));
+                Err(not_stored("the response is over the coordinator's limit"))
+            }
+            Buffered::Broken(error) => {
+                // The inner service acted, but its response broke off: what to replay is
+                // unknown, so a problem is stored and returned.
+                let problem = Problem::ResponseNotStored;
+                let detail = format!("the response body failed: {error}");
+                keep(&answered, Ok(problem.response(&detail, None)));
+                Err(not_stored("the response body failed"))
+            }
+        }
+    }));
+    let result = match run.await {
+        Ok(result) => result,
+        // The inner service panicked: the panic goes on (the connection ends without an
+        // answer), and nothing was released, so the lease lapses.
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => {
+            tracing::warn!(%error, key, "the idempotent run was cancelled");
+            return Ok(Problem::Unavailable.response("the request was cancelled", Some(1)));
+        }
+    };
 
     if let Some(first) = first.lock().expect("no panic while the slot is held").take() {
         if let Err(error) = &result
@@ -425,9 +452,26 @@ where
         Err(Error::Rejected(Reason::LeaseLost, _)) => {
             Problem::LeaseLost.response("another attempt took this request over; retry for its result", Some(1))
         }
+        // The coordinator cannot take the call now (or failed inside): a retry may well work.
+        Err(
+            error @ (Error::Unavailable { .. }
+            | Error::Connect(_)
+            | Error::Transport(_)
+            | Error::Rejected(
+                Reason::StoreFull | Reason::NamespaceFull | Reason::Overloaded | Reason::Internal,
+                _,
+            )),
+        ) => {
+            tracing::warn!(%error, key, "the idempotency coordinator is unavailable; the request was not run");
+            Problem::Unavailable
+                .response("the idempotency service cannot take the request now; nothing was done", Some(1))
+        }
+        // Anything else is this service's own configuration (its credentials, its namespace, its
+        // lease bounds): no retry will fix it, so it is not dressed up as an outage.
         Err(error) => {
-            tracing::warn!(%error, key, "the idempotency coordinator refused or failed; the request was not run");
-            Problem::Unavailable.response("the idempotency service cannot be reached; nothing was done", Some(1))
+            tracing::error!(%error, key, "the idempotency coordinator refused this service's request; check its configuration");
+            Problem::Misconfigured
+                .response("the idempotency service refused this API's request; nothing was done", None)
         }
     })
 }

@@ -18,8 +18,14 @@ pub enum Problem {
     InProgress,
     /// 409: this attempt lost its lease to another one while it ran; retry for the result.
     LeaseLost,
-    /// 503: the coordinator cannot be reached or is unavailable; nothing was run.
+    /// 503: the coordinator cannot be reached, is unavailable, full, overloaded or failed inside;
+    /// nothing was run.
     Unavailable,
+    /// 500: the coordinator refused this service's own request (its credentials, namespace or
+    /// lease bounds are wrong); nothing was run.
+    Misconfigured,
+    /// 400: the request body could not be read (the client went away or sent a broken body).
+    BodyUnreadable,
     /// 500 (stored for replays): the response was too large for the coordinator.
     ResponseNotStored,
 }
@@ -35,6 +41,8 @@ impl Problem {
             Problem::InProgress => "urn:idempotency:in-progress",
             Problem::LeaseLost => "urn:idempotency:lease-lost",
             Problem::Unavailable => "urn:idempotency:unavailable",
+            Problem::Misconfigured => "urn:idempotency:misconfigured",
+            Problem::BodyUnreadable => "urn:idempotency:body-unreadable",
             Problem::ResponseNotStored => "urn:idempotency:response-not-stored",
         }
     }
@@ -42,12 +50,12 @@ impl Problem {
     /// The HTTP status it comes with.
     pub const fn status(self) -> StatusCode {
         match self {
-            Problem::KeyMissing | Problem::KeyInvalid => StatusCode::BAD_REQUEST,
+            Problem::KeyMissing | Problem::KeyInvalid | Problem::BodyUnreadable => StatusCode::BAD_REQUEST,
             Problem::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Problem::InProgress | Problem::LeaseLost => StatusCode::CONFLICT,
             Problem::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Problem::ResponseNotStored => StatusCode::INTERNAL_SERVER_ERROR,
+            Problem::ResponseNotStored | Problem::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -61,6 +69,8 @@ impl Problem {
             Problem::InProgress => "A request with this Idempotency-Key is in progress",
             Problem::LeaseLost => "Another attempt took this request over",
             Problem::Unavailable => "Idempotency service unavailable",
+            Problem::Misconfigured => "Idempotency service misconfigured",
+            Problem::BodyUnreadable => "The request body could not be read",
             Problem::ResponseNotStored => "The response could not be stored",
         }
     }
