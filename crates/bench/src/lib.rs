@@ -8,6 +8,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod cpu;
 pub mod targets;
 
 use std::collections::{BTreeMap, HashMap};
@@ -52,9 +53,11 @@ pub struct Options {
     /// Calls (or flows) in flight at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
-    /// Connections the workers share.
-    #[arg(long, default_value_t = 4)]
-    pub connections: usize,
+    /// Connections the workers share. By default what a competent user of the target opens: 4
+    /// for the coordinator (HTTP/2 multiplexes calls) and Redis (multiplexed), and one per worker
+    /// for PostgreSQL (a pool sized to the concurrency: a connection runs one statement at a time).
+    #[arg(long)]
+    pub connections: Option<usize>,
     /// How long to measure, after the warm-up.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub duration: Duration,
@@ -102,6 +105,25 @@ pub struct Options {
     /// would show it).
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
+    /// Whose CPU to report per unit beside the rate: `machine` (all CPU the machine spent while
+    /// measuring, minus this generator's own), process ids separated by commas (the server's),
+    /// or `name:NAME` (every process called NAME, such as `name:postgres`, found when measuring
+    /// starts). Linux only (reads /proc).
+    #[arg(long)]
+    pub server_cpu: Option<cpu::Source>,
+}
+
+impl Options {
+    /// The connections to open: `--connections`, or the target's default.
+    pub fn connection_count(&self) -> usize {
+        self.connections.unwrap_or_else(|| {
+            if self.target.starts_with("postgres://") || self.target.starts_with("postgresql://") {
+                self.concurrency
+            } else {
+                4
+            }
+        })
+    }
 }
 
 /// Latencies and errors of one kind of operation.
@@ -162,12 +184,21 @@ pub struct Report {
     pub in_progress: u64,
     /// Replies that did not match what was stored (wrong outcome or body size).
     pub wrong_answers: u64,
+    /// CPU seconds the server (as `--server-cpu` says) spent while measuring, if asked.
+    pub server_cpu: Option<f64>,
+    /// CPU seconds this generator spent while measuring.
+    pub generator_cpu: f64,
 }
 
 impl Report {
     /// Units per second.
     pub fn rate(&self) -> f64 {
         self.units as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Server CPU per unit, in milliseconds, if measured.
+    pub fn server_cpu_ms_per_unit(&self) -> Option<f64> {
+        self.server_cpu.map(|seconds| seconds * 1000.0 / self.units.max(1) as f64)
     }
 
     /// Failed operations, all kinds.
@@ -204,6 +235,9 @@ impl Report {
             "double_grants": self.double_grants,
             "in_progress": self.in_progress,
             "wrong_answers": self.wrong_answers,
+            "server_cpu_s": self.server_cpu,
+            "server_cpu_ms_per_unit": self.server_cpu_ms_per_unit(),
+            "generator_cpu_s": self.generator_cpu,
             "ops": ops,
         })
     }
@@ -226,6 +260,14 @@ impl Report {
             self.double_grants,
             self.wrong_answers,
         );
+        if let Some(per_unit) = self.server_cpu_ms_per_unit() {
+            out.push_str(&format!(
+                "server CPU: {:.3} ms per unit ({:.2} cores busy)   generator CPU: {:.2} cores\n",
+                per_unit,
+                self.server_cpu.unwrap_or(0.0) / self.elapsed.as_secs_f64().max(1e-9),
+                self.generator_cpu / self.elapsed.as_secs_f64().max(1e-9),
+            ));
+        }
         if self.scenario == Scenario::Contention {
             out.push_str(&format!("claims finding the key in progress: {}\n", self.in_progress));
         }
@@ -316,7 +358,7 @@ fn parse_mix(mix: &str) -> anyhow::Result<[u32; 3]> {
 
 /// Runs `options` and returns what it measured.
 pub async fn run(options: Options) -> anyhow::Result<Report> {
-    if options.concurrency == 0 || options.connections == 0 {
+    if options.concurrency == 0 || options.connection_count() == 0 {
         bail!("--concurrency and --connections must be at least 1");
     }
     let mix = parse_mix(&options.mix)?;
@@ -356,6 +398,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         shared.measuring.store(true, Ordering::SeqCst);
     }
     let started = Instant::now();
+    let cpu_before = cpu::Sample::take(options.server_cpu.as_ref())?;
     if options.count.is_none() {
         tokio::time::sleep(options.duration).await;
         shared.stop.store(true, Ordering::SeqCst);
@@ -367,6 +410,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         }
     }
     let elapsed = started.elapsed();
+    let cpu_spent = cpu::Sample::take(options.server_cpu.as_ref())?.since(&cpu_before);
     Ok(Report {
         scenario: options.scenario,
         target: options.target.clone(),
@@ -377,6 +421,8 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         double_grants: shared.double_grants.load(Ordering::SeqCst),
         in_progress: shared.in_progress.load(Ordering::SeqCst),
         wrong_answers: shared.wrong_answers.load(Ordering::SeqCst),
+        server_cpu: cpu_spent.server,
+        generator_cpu: cpu_spent.generator,
     })
 }
 

@@ -30,9 +30,22 @@ pub enum Client {
     /// The coordinator.
     Coordinator(Box<GrpcClients>),
     /// Hand-rolled idempotency on PostgreSQL.
-    Postgres(std::sync::Arc<tokio_postgres::Client>),
+    Postgres(std::sync::Arc<PgConnection>),
     /// Hand-rolled idempotency on Redis.
     Redis(redis::aio::MultiplexedConnection),
+}
+
+/// One PostgreSQL connection with its prepared statements.
+pub struct PgConnection {
+    client: tokio_postgres::Client,
+    statements: PgStatements,
+}
+
+struct PgStatements {
+    claim: tokio_postgres::Statement,
+    complete: tokio_postgres::Statement,
+    release: tokio_postgres::Statement,
+    lookup: tokio_postgres::Statement,
 }
 
 /// The coordinator's gRPC clients on one connection.
@@ -118,7 +131,7 @@ impl Client {
     /// commas, `postgres://`, `redis://`).
     pub async fn connect_all(options: &crate::Options) -> anyhow::Result<Vec<Client>> {
         let (target, connections, synchronous_commit) =
-            (options.target.as_str(), options.connections, options.synchronous_commit);
+            (options.target.as_str(), options.connection_count(), options.synchronous_commit);
         // Several coordinator replicas: `http://a,http://b`; connections are spread round robin.
         let targets: Vec<&str> = target.split(',').map(str::trim).filter(|t| !t.is_empty()).collect();
         if targets.is_empty() {
@@ -127,9 +140,6 @@ impl Client {
         let mut clients = Vec::with_capacity(connections);
         for i in 0..connections {
             clients.push(Client::connect(targets[i % targets.len()], synchronous_commit, options).await?);
-        }
-        if let Some(Client::Postgres(client)) = clients.first() {
-            client.batch_execute(PG_SCHEMA).await.context("creating the benchmark table")?;
         }
         Ok(clients)
     }
@@ -170,7 +180,16 @@ impl Client {
             });
             let mode = if synchronous_commit { "on" } else { "off" };
             client.batch_execute(&format!("SET synchronous_commit = {mode}")).await?;
-            Ok(Client::Postgres(std::sync::Arc::new(client)))
+            client.batch_execute(PG_SCHEMA).await.context("creating the benchmark table")?;
+            // Prepared once per connection, as a pool with a statement cache does: each call is
+            // then one round trip (Bind, Execute), not a Parse of the SQL text every time.
+            let statements = PgStatements {
+                claim: client.prepare(PG_CLAIM).await?,
+                complete: client.prepare(PG_COMPLETE).await?,
+                release: client.prepare(PG_RELEASE).await?,
+                lookup: client.prepare(PG_LOOKUP).await?,
+            };
+            Ok(Client::Postgres(std::sync::Arc::new(PgConnection { client, statements })))
         } else if target.starts_with("redis://") {
             let client = redis::Client::open(target)?;
             let connection =
@@ -200,8 +219,11 @@ impl Client {
             Client::Postgres(client) => {
                 let token = Uuid::new_v4();
                 let millis = lease.as_millis() as f64;
-                let rows =
-                    client.query(PG_CLAIM, &[&key, &fingerprint, &token, &millis]).await.map_err(|e| pg_code(&e))?;
+                let rows = client
+                    .client
+                    .query(&client.statements.claim, &[&key, &fingerprint, &token, &millis])
+                    .await
+                    .map_err(|e| pg_code(&e))?;
                 // No row at all: another transaction inserted the key after this statement's
                 // snapshot was taken, so the conflict hid it from the SELECT. It is held.
                 let Some(row) = rows.first() else { return Ok(Claimed::InProgress) };
@@ -245,7 +267,11 @@ impl Client {
             }
             Client::Postgres(client) => {
                 let token: Uuid = token.parse().map_err(|_| "BadToken")?;
-                let updated = client.execute(PG_COMPLETE, &[&key, &token, &body]).await.map_err(|e| pg_code(&e))?;
+                let updated = client
+                    .client
+                    .execute(&client.statements.complete, &[&key, &token, &body])
+                    .await
+                    .map_err(|e| pg_code(&e))?;
                 if updated == 1 { Ok(()) } else { Err("LeaseLost".to_owned()) }
             }
             Client::Redis(connection) => {
@@ -272,7 +298,7 @@ impl Client {
             }
             Client::Postgres(client) => {
                 let token: Uuid = token.parse().map_err(|_| "BadToken")?;
-                client.execute(PG_RELEASE, &[&key, &token]).await.map_err(|e| pg_code(&e))?;
+                client.client.execute(&client.statements.release, &[&key, &token]).await.map_err(|e| pg_code(&e))?;
                 Ok(())
             }
             Client::Redis(connection) => {
@@ -296,7 +322,12 @@ impl Client {
                 Ok(())
             }
             Client::Postgres(client) => {
-                client.query_opt(PG_LOOKUP, &[&key]).await.map_err(|e| pg_code(&e))?.ok_or("NotFound")?;
+                client
+                    .client
+                    .query_opt(&client.statements.lookup, &[&key])
+                    .await
+                    .map_err(|e| pg_code(&e))?
+                    .ok_or("NotFound")?;
                 Ok(())
             }
             Client::Redis(connection) => {

@@ -104,6 +104,13 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_SWEEP_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize))]
     pub sweep_batch: usize,
 
+    /// With strict durability: the size in MiB of each of the two write-ahead log files (1 to
+    /// 4096). Writing moves to the other file when one is full, and sled's own files are then
+    /// brought up to date in the background (a checkpoint). Larger: fewer checkpoints, more to
+    /// re-apply after a crash (about a second per 100 MiB), more disk (twice this size).
+    #[arg(long, env = "IDEMPOTENCY_WAL_FILE_MB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub wal_file_mb: u64,
+
     /// sled's page cache, in MiB (1 to 1048576).
     #[arg(long, env = "IDEMPOTENCY_CACHE_MB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub cache_mb: u64,
@@ -349,6 +356,7 @@ impl Config {
                 durability: self.durability.into(),
                 max_records: self.max_records,
                 cache_capacity_bytes: self.cache_mb * 1024 * 1024,
+                wal_file_bytes: self.wal_file_mb * 1024 * 1024,
             })),
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                 Ok(StoreChoice::Postgres(PostgresOptions {

@@ -50,6 +50,7 @@ pub async fn sled_to_postgres(
         durability: Durability::Relaxed,
         max_records: u64::MAX,
         cache_capacity_bytes: 64 * 1024 * 1024,
+        wal_file_bytes: idempotency_store_sled::WAL_FILE_BYTES,
     })?;
     let expired = Cell::new(0u64);
     let (records, fencing_floor) = source.export().map_err(|error| MigrateError::Import(ImportError::Source(error)))?;

@@ -232,6 +232,7 @@ fn a_locked_data_directory_stops_the_server_with_a_clear_message() {
         durability: Durability::Strict,
         max_records: 10,
         cache_capacity_bytes: 1 << 20,
+        wal_file_bytes: idempotency_store_sled::WAL_FILE_BYTES,
     };
     let _holder = SledStore::open(&options).expect("the first opener wins");
     let (success, log) = run_to_exit(&options.path);
@@ -439,6 +440,7 @@ async fn serve_on(
         durability: Durability::Strict,
         max_records: 1000,
         cache_capacity_bytes: 1 << 24,
+        wal_file_bytes: idempotency_store_sled::WAL_FILE_BYTES,
     };
     let wrapped = disk.clone();
     let store = SledStore::open_with_flush_wrapper(&options, move |flush| wrapped.wrap(flush)).unwrap();
@@ -595,7 +597,7 @@ fn bench_options(target: String, scenario: idempotency_bench::Scenario) -> idemp
         target,
         scenario,
         concurrency: 16,
-        connections: 2,
+        connections: Some(2),
         duration: Duration::from_secs(1),
         count: Some(300),
         warmup: Duration::ZERO,
@@ -611,6 +613,7 @@ fn bench_options(target: String, scenario: idempotency_bench::Scenario) -> idemp
         cert_file: None,
         key_file: None,
         token_file: None,
+        server_cpu: None,
     }
 }
 

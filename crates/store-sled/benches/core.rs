@@ -54,6 +54,7 @@ fn open_store(dir: &tempfile::TempDir, durability: Durability) -> Arc<SledStore>
         durability,
         max_records: u64::MAX,
         cache_capacity_bytes: 256 << 20,
+        wal_file_bytes: idempotency_store_sled::WAL_FILE_BYTES,
     };
     Arc::new(SledStore::open(&options).unwrap())
 }

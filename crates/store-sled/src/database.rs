@@ -18,6 +18,7 @@ use crate::layout::{
 };
 use crate::store::{Durability, FlushWrapper, OpenError, SledOptions};
 use crate::unavailable;
+use crate::wal::{self, Logged, Wal};
 
 /// Number of stripe locks; keys hash onto them.
 pub(crate) const STRIPES: usize = 1024;
@@ -39,6 +40,8 @@ pub(crate) struct OpenDatabase {
     /// The per-namespace quotas, shared with the store (they outlive a reopening).
     pub(crate) quotas: Arc<RwLock<HashMap<String, u64>>>,
     pub(crate) commit: Option<GroupCommit>,
+    /// The write-ahead log (strict durability only), which the group commit writes out.
+    pub(crate) wal: Option<Arc<Wal>>,
 }
 
 /// How many expired records a Claim may sweep inline when the store is full.
@@ -76,6 +79,8 @@ impl OpenDatabase {
         if current.is_none() {
             self.reserve_record_slot(record_key, now).map_err(|error| self.write_failed(error))?;
         }
+        // The log gets the record as written (a clone shares the body's bytes).
+        let logged = self.wal.is_some().then(|| record.clone());
         if let Err(error) = self.write(record_key, current.as_ref(), record) {
             if current.is_none() {
                 self.records.fetch_sub(1, Ordering::SeqCst);
@@ -83,7 +88,12 @@ impl OpenDatabase {
             }
             return Err(self.write_failed(error));
         }
-        stripe.last_write = self.commit.as_ref().map_or(0, GroupCommit::written);
+        // Appended after sled has the change: a checkpoint that starts after this entry's
+        // ticket was taken covers the change.
+        stripe.last_write = match (&self.wal, &self.commit, logged) {
+            (Some(wal), Some(commit), Some(logged)) => wal.put(commit, record_key, &logged),
+            _ => 0,
+        };
         Ok((transition.outcome, stripe.last_write))
     }
 
@@ -179,6 +189,26 @@ impl OpenDatabase {
             self.db.remove(index_key(previous_expiry, record_key)).map_err(unavailable)?;
         }
         Ok(())
+    }
+
+    /// Applies one entry of the write-ahead log to sled again (see [`crate::wal`]).
+    fn reapply(&self, payload: &[u8]) -> Result<(), String> {
+        match wal::decode(payload)? {
+            Logged::Put { record_key, record } => {
+                let record = Record::decode(record).map_err(|error| error.to_string())?;
+                // Only the previous record's expiry matters here (to move its index entry); one
+                // that cannot be read is replaced.
+                let previous = self.read(record_key, Body::Skip).ok().flatten();
+                self.write(record_key, previous.as_ref(), record).map_err(|error| error.to_string())
+            }
+            Logged::Reserve(reserved) => {
+                let current = self.db.get(FENCING_RESERVATION).map_err(|error| error.to_string())?;
+                if current.as_deref().and_then(read_u64).is_none_or(|current| current < reserved) {
+                    self.db.insert(FENCING_RESERVATION, &reserved.to_be_bytes()).map_err(|error| error.to_string())?;
+                }
+                Ok(())
+            }
+        }
     }
 
     pub(crate) async fn wait_durable(&self, ticket: u64) -> Result<(), StoreError> {
@@ -291,6 +321,9 @@ pub(crate) fn open_database(
 ) -> Result<OpenDatabase, OpenError> {
     let path = options.path.clone();
     let sled_error = |source| OpenError::Sled { path: path.clone(), source };
+    let io_error = |source| OpenError::Io { path: path.clone(), source };
+    let corrupt = |reason: String| OpenError::Corrupt { path: path.clone(), reason };
+    // Strict: sled is made durable by the write-ahead log's checkpoints only.
     let flush_every_ms = match options.durability {
         Durability::Strict => None,
         Durability::Relaxed => Some(500),
@@ -301,38 +334,59 @@ pub(crate) fn open_database(
         .flush_every_ms(flush_every_ms)
         .open()
         .map_err(sled_error)?;
-    let reserved = match db.get(FENCING_RESERVATION).map_err(sled_error)? {
-        None => 0,
-        Some(bytes) => read_u64(&bytes).ok_or_else(|| OpenError::Corrupt {
-            path: path.clone(),
-            reason: "the fencing token reservation is malformed".to_owned(),
-        })?,
+    let mut inner = OpenDatabase {
+        db,
+        stripes: (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect(),
+        fencing: Mutex::new(FencingCounter { last: 0, reserved: 0 }),
+        records: AtomicU64::new(0),
+        max_records: options.max_records,
+        namespace_records: Mutex::new(HashMap::new()),
+        quotas: Arc::clone(quotas),
+        commit: None,
+        wal: None,
     };
+    if options.durability == Durability::Strict {
+        let recovery = wal::read(&path).map_err(|error| match error {
+            wal::RecoveryError::Io(source) => io_error(source),
+            wal::RecoveryError::Corrupt(reason) => corrupt(reason),
+        })?;
+        for (seq, payload) in &recovery.entries {
+            inner.reapply(payload).map_err(|reason| corrupt(format!("write-ahead log entry {seq}: {reason}")))?;
+        }
+        let mut checkpoint_flush = wrap(durable_flush(inner.db.clone(), &path).map_err(io_error)?);
+        if recovery.needs_checkpoint() {
+            checkpoint_flush().map_err(io_error)?;
+            wal::write_checkpoint(&path.join(wal::WAL_DIR), recovery.last_seq()).map_err(io_error)?;
+        }
+        if !recovery.entries.is_empty() {
+            tracing::info!(
+                entries = recovery.entries.len(),
+                "re-applied the write-ahead log after its last checkpoint"
+            );
+        }
+        let (wal, writer) =
+            wal::open(&path, options.wal_file_bytes, recovery.last_seq(), checkpoint_flush).map_err(io_error)?;
+        inner.commit = Some(GroupCommit::start(wrap(writer.into_flush())).map_err(io_error)?);
+        inner.wal = Some(wal);
+    }
+    let reserved = match inner.db.get(FENCING_RESERVATION).map_err(sled_error)? {
+        None => 0,
+        Some(bytes) => {
+            read_u64(&bytes).ok_or_else(|| corrupt("the fencing token reservation is malformed".to_owned()))?
+        }
+    };
+    // Start exactly at the reservation, so the first grant writes a new one above it.
+    inner.fencing = Mutex::new(FencingCounter { last: reserved, reserved });
     let mut records = 0u64;
     let mut namespace_records: HashMap<Box<[u8]>, u64> = HashMap::new();
-    for entry in db.scan_prefix([RECORD_PREFIX]).keys() {
+    for entry in inner.db.scan_prefix([RECORD_PREFIX]).keys() {
         let key = entry.map_err(sled_error)?;
         records += 1;
         *namespace_records.entry(namespace_of(&key).into()).or_insert(0) += 1;
     }
-    let io_error = |source| OpenError::Io { path: path.clone(), source };
-    let commit = match options.durability {
-        Durability::Strict => {
-            Some(GroupCommit::start(wrap(durable_flush(db.clone(), &path).map_err(io_error)?)).map_err(io_error)?)
-        }
-        Durability::Relaxed => None,
-    };
-    Ok(OpenDatabase {
-        db,
-        stripes: (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect(),
-        // Start exactly at the reservation, so the first grant writes a new one above it.
-        fencing: Mutex::new(FencingCounter { last: reserved, reserved }),
-        records: AtomicU64::new(records),
-        max_records: options.max_records,
-        namespace_records: Mutex::new(namespace_records),
-        quotas: Arc::clone(quotas),
-        commit,
-    })
+    inner.records = AtomicU64::new(records);
+    inner.namespace_records = Mutex::new(namespace_records);
+    Ok(inner)
 }
 
 pub(crate) fn read_u64(bytes: &[u8]) -> Option<u64> {

@@ -1,12 +1,16 @@
-//! The embedded store of the idempotency coordinator: sled, with per-key serialisation, group
-//! commit (one fdatasync per batch of concurrent changes), an expiry index swept in batches, and
-//! a supervisor that reopens the database from disk after a disk failure.
+//! The embedded store of the idempotency coordinator: sled, with per-key serialisation, a
+//! write-ahead log of our own in front of it (one write and one fdatasync per batch of concurrent
+//! changes, sled made durable in the background by checkpoints), an expiry index swept in
+//! batches, and a supervisor that reopens the database from disk after a disk failure.
 //!
 //! The map, in reading order:
 //! - [`layout`](crate::layout): how records, bodies, the expiry index and the fencing reservation
 //!   are keyed in sled's one tree.
-//! - `group_commit`: the flusher thread that makes batches of changes durable.
-//! - `durable`: the flush itself (sled's flush, then fdatasync of the log and the blob files).
+//! - `group_commit`: makes batches of changes durable (a lone waiter flushes itself; otherwise
+//!   the flusher thread does).
+//! - `wal`: the write-ahead log: entries, its two files, checkpoints, re-applying after a crash.
+//! - `durable`: sled's durable flush (sled's flush, then fdatasync of its log and blob files), run
+//!   by checkpoints.
 //! - `fencing`: the fencing-token counter and its persisted reservation.
 //! - `database`: one opening of the database: stripe locks, the atomic read-decide-write of a key,
 //!   the record limit, sweeping.
@@ -14,7 +18,6 @@
 //! - `supervisor`: after a failed flush, waits for the disk to work and reopens the database.
 //! - [`SledStore`]: the [`Store`](idempotency_core::store::Store) over all of the above.
 //!
-//! Invariants:
 //! Invariants:
 //! - All changes to one key happen under that key's stripe lock, so a read-decide-write is atomic
 //!   against every other call (sled's directory lock keeps other processes out). Stripe locks
@@ -30,10 +33,13 @@
 //!   overwritten by the key's next Complete or deleted when the key's record is swept; one left
 //!   by a crash in the middle of a sweep is deleted when the sweeper meets the stale entry.
 //! - A reply reports only state that is durable: writers wait for their group-commit ticket,
-//!   readers for the ticket of the last write to their stripe.
+//!   readers for the ticket of the last write to their stripe. With strict durability a change is
+//!   durable once its write-ahead log entry is (the log holds the whole new record); sled's own
+//!   files catch up at checkpoints, and an open re-applies the entries after the last one.
 //! - Fencing tokens come from one counter; a token is handed out only after a reservation above
-//!   it was written and flushed, so after any crash the counter restarts above every token that
-//!   any surviving record (or any deleted one) ever carried.
+//!   it was written (as a log entry ahead of the record that carries the token, or flushed at once
+//!   without the log), so after any crash the counter restarts above every token that any
+//!   surviving record (or any deleted one) ever carried.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -45,9 +51,11 @@ pub mod layout;
 mod store;
 mod supervisor;
 mod sweep_thread;
+mod wal;
 
 pub use group_commit::FlushFn;
 pub use store::{Durability, ExportedRecord, OpenError, SledOptions, SledStore};
+pub use wal::FILE_BYTES as WAL_FILE_BYTES;
 
 use idempotency_core::store::StoreError;
 

@@ -95,10 +95,16 @@ impl Record {
 
     /// The bytes stored for this record.
     pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = vec![ENCODING_VERSION];
-        // Encoding into a Vec only fails for types serde cannot express; Record has none.
-        postcard::to_io(self, &mut bytes).expect("a record always encodes");
+        let mut bytes = Vec::new();
+        self.encode_into(&mut bytes);
         bytes
+    }
+
+    /// Appends the encoding of [`Record::encode`] to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.push(ENCODING_VERSION);
+        // Encoding into a Vec only fails for types serde cannot express; Record has none.
+        postcard::to_io(self, out).expect("a record always encodes");
     }
 
     /// Reads bytes written by [`Record::encode`].

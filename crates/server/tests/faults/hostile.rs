@@ -163,7 +163,9 @@ pub(crate) fn idle_connections() -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_idle_connections_do_not_stop_the_service() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ChildServer::start(&dir.path().join("data"));
+    // Above the default --max-connections (4096), which would close most of them at once (the
+    // security tests check that limit): here they all stay open.
+    let server = ChildServer::start_with(&dir.path().join("data"), &["--max-connections", "20000"]);
     let pid = server.child.id();
     let mut client = server.client().await;
     claim_acquired(&mut client, "before").await;

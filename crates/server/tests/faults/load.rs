@@ -35,7 +35,7 @@ async fn a_steady_load_with_sweeping_keeps_memory_and_disk_flat() {
         target: format!("http://{}", server.addr),
         scenario: Scenario::Flow,
         concurrency: 16,
-        connections: 2,
+        connections: Some(2),
         duration: Duration::from_secs(seconds),
         count: None,
         warmup: Duration::ZERO,
@@ -52,6 +52,7 @@ async fn a_steady_load_with_sweeping_keeps_memory_and_disk_flat() {
         cert_file: None,
         key_file: None,
         token_file: None,
+        server_cpu: None,
     };
     let load = tokio::spawn(idempotency_bench::run(options));
     let mut samples = Vec::new();

@@ -228,6 +228,7 @@ pub(crate) mod reference {
                     durability: Durability::Strict,
                     max_records: 1000,
                     cache_capacity_bytes: 1 << 22,
+                    wal_file_bytes: idempotency_store_sled::WAL_FILE_BYTES,
                 };
                 AnyStore::Sled(super::reopen(|| SledStore::open(&options)))
             }
