@@ -36,7 +36,7 @@ case $LAYOUT in
     *) echo "LAYOUT is pinned or free" >&2; exit 1 ;;
 esac
 
-$pin "$server" --store "$pg" --postgres-pool-size 64 --listen 127.0.0.1:50081 --data-dir "$tmp/unused" \
+$pin "$server" --store "$pg" --postgres-pool-size 32 --listen 127.0.0.1:50081 --data-dir "$tmp/unused" \
     2>"$tmp/replica.log" &
 replica=$!
 pids+=("$replica")

@@ -7,7 +7,7 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "records", include_str!("sql/0001_records.sql")),
     (2, "lapsed leases kept a retention", include_str!("sql/0002_lapsed_leases_kept.sql")),
     (3, "records counted per namespace", include_str!("sql/0003_namespace_quotas.sql")),
-    (4, "Claim reads before it locks", include_str!("sql/0004_claim_reads_first.sql")),
+    (4, "fewer statements per Claim and Complete", include_str!("sql/0004_fewer_statements.sql")),
 ];
 
 /// The NOTIFY channel of a schema's key changes.
