@@ -1,5 +1,6 @@
 //! An `Idempotency-Key` layer for tower and axum services, following
-//! draft-ietf-httpapi-idempotency-key-header (revision 07), on top of [`Idempotent::run`].
+//! draft-ietf-httpapi-idempotency-key-header (revision 07), on top of
+//! [`Idempotent::run`](crate::Idempotent::run).
 //!
 //! For each request whose method it covers (POST and PATCH unless told otherwise) the layer:
 //! - reads `Idempotency-Key` (a Structured Header String `"abc"`, or a bare value `abc`); a missing
