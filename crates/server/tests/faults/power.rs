@@ -30,7 +30,7 @@ const SWEEP_FLAGS: [&str; 6] = ["--default-retention", "1s", "--sweep-interval",
 
 /// 64 clients (56 on the randomized workload of the crash tests, 8 on short-retention keys that
 /// the sweeper keeps deleting) while the power is cut at random moments, one cut in each slot of
-/// 650 ms: the server is killed with SIGKILL and the mount at once loses what was not durable,
+/// 800 ms: the server is killed with SIGKILL and the mount at once loses what was not durable,
 /// then both come back on what is left. Every cut comes while dozens of calls are in flight (in
 /// the middle of a group-commit batch), and most while the sweeper has expired records to delete
 /// (both counts are printed). At the end every key is looked up and the histories are checked.
@@ -54,7 +54,7 @@ async fn power_cuts_during_a_randomized_workload_lose_no_acknowledged_change() {
     let mut server = ChildServer::start_with(&data, &flags);
 
     let cuts = power_cuts();
-    let slot = Duration::from_millis(650);
+    let slot = Duration::from_millis(800);
     let history = Arc::new(History::default());
     let short_history = Arc::new(History::default());
     let (wall_start, start) = (SystemTime::now(), Instant::now());
