@@ -55,6 +55,22 @@ pub struct Coordinator<S> {
     /// Claims parked in a wait now, and how many may be.
     waiting: std::sync::atomic::AtomicUsize,
     max_waiting: usize,
+    /// How the Claims that waited ended.
+    waits: WaitCounts,
+}
+
+/// How many Claims that waited for a held key ended each way (a Claim that found the key free
+/// or completed at once did not wait and is not counted).
+#[derive(Debug, Default)]
+pub struct WaitCounts {
+    /// The holder completed: the waiter got the stored response.
+    pub completed: AtomicU64,
+    /// The holder released or its lease lapsed: the waiter was granted the key.
+    pub acquired: AtomicU64,
+    /// The wait (or the call's deadline) ran out with the key still held.
+    pub timed_out: AtomicU64,
+    /// The server began draining, which ends every wait.
+    pub drained: AtomicU64,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -69,7 +85,13 @@ impl<S: Store> Coordinator<S> {
             admitted: AtomicU64::new(0),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             max_waiting: usize::MAX,
+            waits: WaitCounts::default(),
         }
+    }
+
+    /// How the Claims that waited ended, so far.
+    pub fn wait_counts(&self) -> &WaitCounts {
+        &self.waits
     }
 
     /// Lets at most `max_waiting` Claims wait at once; beyond it a Claim that would wait answers
@@ -110,6 +132,7 @@ impl<S: Store> Coordinator<S> {
         let mut now = self.clock.now();
         let give_up_at = now.plus(wait);
         let waiter = (!wait.is_zero()).then(|| self.waiter(namespace, key)).flatten();
+        let mut waited = false;
         loop {
             let notified = waiter.as_ref().map(|waiter| waiter.notify.notified());
             tokio::pin!(notified);
@@ -118,13 +141,24 @@ impl<S: Store> Coordinator<S> {
             }
             let outcome = within(answer_by, self.store.claim(namespace, key, now, claim, waiter.is_some())).await?;
             let ClaimOutcome::InProgress { lease_expires_at, .. } = &outcome else {
+                if waited {
+                    let counter = match outcome {
+                        ClaimOutcome::Completed(_) => &self.waits.completed,
+                        _ => &self.waits.acquired,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
                 return Ok(outcome);
             };
             let out_of_time = answer_by.is_some_and(|answer_by| Instant::now() >= answer_by);
             if waiter.is_none() || now >= give_up_at || out_of_time || self.draining.is_cancelled() {
+                if waited {
+                    self.count_wait_given_up();
+                }
                 return Ok(outcome);
             }
             let wake_at = (*lease_expires_at).min(give_up_at);
+            waited = true;
             tokio::select! {
                 _ = async { if let Some(n) = notified.as_mut().as_pin_mut() { n.await } } => {}
                 () = self.clock.sleep_until(wake_at) => {}
@@ -137,11 +171,18 @@ impl<S: Store> Coordinator<S> {
                 } => {
                     // The call's deadline is near: answer with what was seen, rather than ask
                     // the store again with no time left to wait for it.
+                    self.count_wait_given_up();
                     return Ok(outcome);
                 }
             }
             now = self.clock.now();
         }
+    }
+
+    /// Counts a wait that ended with the key still held: drained, or out of time.
+    fn count_wait_given_up(&self) {
+        let counter = if self.draining.is_cancelled() { &self.waits.drained } else { &self.waits.timed_out };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Stores the response; wakes Claims waiting for the key. Like every call here, it answers

@@ -8,14 +8,17 @@
 //! - [`clock`]: injected wall-clock time (system, manual, offset).
 //! - [`store`]: the [`Store`](store::Store) trait every backend implements, with each method's
 //!   atomicity and durability, and [`StoreError`](store::StoreError).
+//! - [`stats`]: what stores and the coordinator count for dashboards (atomic histograms), with
+//!   no metrics format.
 //! - [`coordinator`]: applies commands through a store at the clock's time; waits for held keys,
-//!   wakes waiters, drains.
+//!   wakes waiters, drains; counts how waits ended.
 
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod domain;
 
 pub mod clock;
+pub mod stats;
 pub mod store;
 
 pub mod coordinator;

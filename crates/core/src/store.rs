@@ -15,6 +15,7 @@ use crate::domain::{
     Claim, ClaimOutcome, Complete, CompleteOutcome, Key, KeyView, Namespace, Rejection, Release, Renew, RenewOutcome,
     Timestamp,
 };
+use crate::stats::StoreStats;
 
 /// A cause kept with an error, for logs.
 pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -174,6 +175,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// `true` while the store can make changes durable; `false` while it fails to.
     fn health(&self) -> watch::Receiver<bool>;
+
+    /// What the store counted for dashboards (flush latency, disk, pool, …). May block for a
+    /// moment (a directory walk): call it off the async workers.
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
 
     /// Changes made by other processes sharing the store that waiting Claims must hear of; `None`
     /// for a store no other process writes. Taken once, by the coordinator's owner.

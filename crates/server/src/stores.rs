@@ -3,6 +3,7 @@
 use idempotency_core::domain::{
     Claim, ClaimOutcome, Complete, CompleteOutcome, Key, KeyView, Namespace, Release, Renew, RenewOutcome, Timestamp,
 };
+use idempotency_core::stats::StoreStats;
 use idempotency_core::store::{Store, StoreError, SweepReport, Wakeup};
 use idempotency_store_postgres::PostgresStore;
 use idempotency_store_sled::SledStore;
@@ -121,6 +122,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.health(),
             AnyStore::Postgres(store) => store.health(),
+        }
+    }
+
+    fn stats(&self) -> StoreStats {
+        match self {
+            AnyStore::Sled(store) => store.stats(),
+            AnyStore::Postgres(store) => store.stats(),
         }
     }
 

@@ -12,7 +12,8 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -28,12 +29,40 @@ pub const MAX_REST_PER_PASS: Duration = Duration::from_secs(20);
 /// so resting after every sub-millisecond batch would rest several times as long as it swept.
 const MIN_REST: Duration = Duration::from_millis(5);
 
-/// Starts sweeping every `interval`, `batch` index entries at a time, until `stop` is cancelled.
+/// What the sweeper did, for dashboards.
+#[derive(Debug, Default)]
+pub struct SweeperStats {
+    /// Passes that ran to their end.
+    pub passes: AtomicU64,
+    /// Passes a failing batch ended.
+    pub failed_passes: AtomicU64,
+    /// Records deleted.
+    pub deleted: AtomicU64,
+    /// When a pass last found nothing expired left (unix milliseconds; 0: not yet).
+    caught_up_at_ms: AtomicU64,
+}
+
+impl SweeperStats {
+    /// An upper bound of the age of the oldest expired record not swept yet: the time since a
+    /// pass last found nothing expired left (a record that expired before then was swept),
+    /// plus the second expiry buckets round up by. `None` before the first such pass.
+    pub fn lag(&self) -> Option<Duration> {
+        let caught_up = self.caught_up_at_ms.load(Ordering::Relaxed);
+        (caught_up != 0).then(|| {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            now.saturating_sub(Duration::from_millis(caught_up)) + Duration::from_secs(1)
+        })
+    }
+}
+
+/// Starts sweeping every `interval`, `batch` index entries at a time, until `stop` is cancelled;
+/// counts what it does into `stats`.
 pub fn spawn<S: Store>(
     coordinator: Arc<Coordinator<S>>,
     interval: Duration,
     batch: usize,
     stop: CancellationToken,
+    stats: Arc<SweeperStats>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         // Failures are logged when they start and when they end, not on every interval.
@@ -44,7 +73,18 @@ pub fn spawn<S: Store>(
                 () = tokio::time::sleep(interval) => {}
             }
             let started = Instant::now();
+            let started_at = SystemTime::now();
             let pass = pass(|| coordinator.sweep(batch), || coordinator.calls_admitted(), &stop).await;
+            stats.deleted.fetch_add(pass.deleted as u64, Ordering::Relaxed);
+            if pass.error.is_some() {
+                stats.failed_passes.fetch_add(1, Ordering::Relaxed);
+            } else {
+                stats.passes.fetch_add(1, Ordering::Relaxed);
+                if pass.caught_up {
+                    let millis = started_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+                    stats.caught_up_at_ms.store(u64::try_from(millis).unwrap_or(u64::MAX), Ordering::Relaxed);
+                }
+            }
             let was_failing = std::mem::replace(&mut failing, pass.error.is_some());
             match (was_failing, pass.error) {
                 (true, None) => tracing::info!("sweeping works again"),
@@ -65,6 +105,8 @@ pub fn spawn<S: Store>(
 struct Pass {
     deleted: usize,
     rested: Duration,
+    /// The last batch found nothing more to sweep.
+    caught_up: bool,
     /// The failure that ended the pass early, if one did.
     error: Option<Error>,
 }
@@ -89,6 +131,7 @@ where
         };
         pass.deleted += report.deleted;
         if !report.more || stop.is_cancelled() {
+            pass.caught_up = !report.more;
             return pass;
         }
         let rest = pacer.rest_after(batch_started.elapsed(), calls());

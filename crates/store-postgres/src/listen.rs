@@ -1,6 +1,8 @@
 //! The LISTEN task: changes made through any replica, turned into wake-ups for the Claims waiting
 //! on this one.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use idempotency_core::domain::{Key, Namespace};
@@ -16,6 +18,7 @@ pub(crate) async fn listen_task(
     channel: String,
     wakeups: mpsc::UnboundedSender<Wakeup>,
     stop: CancellationToken,
+    reconnects: Arc<AtomicU64>,
 ) {
     let mut connected_before = false;
     loop {
@@ -38,6 +41,7 @@ pub(crate) async fn listen_task(
             });
             client.batch_execute(&format!("LISTEN \"{channel}\"")).await?;
             if connected_before {
+                reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("LISTEN connection re-established");
             }
             let _ = wakeups.send(Wakeup::All);

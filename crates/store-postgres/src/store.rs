@@ -12,6 +12,7 @@ use idempotency_core::domain::{
     Claim, ClaimOutcome, Complete, CompleteOutcome, Grant, Key, KeyView, Namespace, Release, Renew, RenewOutcome,
     Replay, RequestId, Timestamp,
 };
+use idempotency_core::stats::{AtomicHistogram, PoolStats, STATEMENT_SECONDS_BOUNDS, StoreStats};
 use idempotency_core::store::{Store, StoreError, SweepReport, Wakeup};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, watch};
@@ -80,6 +81,10 @@ pub(crate) struct PoolState {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The per-namespace record quotas, by namespace.
     quotas: RwLock<HashMap<String, u64>>,
+    /// How long each statement took once it had a connection.
+    statements: AtomicHistogram,
+    /// Times the LISTEN connection was opened again.
+    listen_reconnects: Arc<AtomicU64>,
 }
 
 impl PostgresStore {
@@ -143,11 +148,19 @@ impl PostgresStore {
                 stop: CancellationToken::new(),
                 tasks: Mutex::new(Vec::new()),
                 quotas: RwLock::new(HashMap::new()),
+                statements: AtomicHistogram::new(STATEMENT_SECONDS_BOUNDS),
+                listen_reconnects: Arc::new(AtomicU64::new(0)),
             }),
         };
         store.inner.check_health().await;
         let health = tokio::spawn(Arc::clone(&store.inner).health_task());
-        let listen = tokio::spawn(listen_task(config, channel(&options.schema), wake_tx, store.inner.stop.clone()));
+        let listen = tokio::spawn(listen_task(
+            config,
+            channel(&options.schema),
+            wake_tx,
+            store.inner.stop.clone(),
+            Arc::clone(&store.inner.listen_reconnects),
+        ));
         store.inner.tasks.lock().extend([health, listen]);
         Ok(store)
     }
@@ -218,8 +231,11 @@ impl PoolState {
                 .get()
                 .await
                 .map_err(|error| StoreError::unavailable_because("no database connection", error))?;
+            let started = std::time::Instant::now();
             let statement = client.prepare_cached(sql).await.map_err(database_error)?;
-            client.query_one(&statement, params).await.map_err(database_error)
+            let row = client.query_one(&statement, params).await.map_err(database_error);
+            self.statements.observe_duration(started.elapsed());
+            row
         };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,
@@ -459,6 +475,21 @@ impl Store for PostgresStore {
 
     fn health(&self) -> watch::Receiver<bool> {
         self.inner.healthy.subscribe()
+    }
+
+    fn stats(&self) -> StoreStats {
+        let pool = self.inner.pool.status();
+        StoreStats {
+            statement_seconds: Some(self.inner.statements.snapshot()),
+            pool: Some(PoolStats {
+                size: pool.size as u64,
+                in_use: pool.size.saturating_sub(pool.available) as u64,
+                waiting: pool.waiting as u64,
+            }),
+            listen_reconnects: Some(self.inner.listen_reconnects.load(Ordering::Relaxed)),
+            clock_offset_seconds: Some(self.inner.clock_offset_ms.load(Ordering::Relaxed) as f64 / 1_000.0),
+            ..StoreStats::default()
+        }
     }
 
     fn wakeups(&self) -> Option<mpsc::UnboundedReceiver<Wakeup>> {

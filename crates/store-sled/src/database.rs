@@ -12,7 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::durable::durable_flush;
 use crate::fencing::FENCING_RESERVATION;
 use crate::fencing::FencingCounter;
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{FlushStats, GroupCommit};
 use crate::layout::{
     BODY_APART, Body, INDEX_PREFIX, RECORD_PREFIX, body_key, decode_stored, expiry_bucket, index_key, namespace_of,
 };
@@ -318,6 +318,7 @@ pub(crate) fn open_database(
     options: &SledOptions,
     wrap: &FlushWrapper,
     quotas: &Arc<RwLock<HashMap<String, u64>>>,
+    flush_stats: &Arc<FlushStats>,
 ) -> Result<OpenDatabase, OpenError> {
     let path = options.path.clone();
     let sled_error = |source| OpenError::Sled { path: path.clone(), source };
@@ -366,7 +367,7 @@ pub(crate) fn open_database(
         }
         let (wal, writer) =
             wal::open(&path, options.wal_file_bytes, recovery.last_seq(), checkpoint_flush).map_err(io_error)?;
-        inner.commit = Some(GroupCommit::start(wrap(writer.into_flush())).map_err(io_error)?);
+        inner.commit = Some(GroupCommit::start(wrap(writer.into_flush()), Arc::clone(flush_stats)).map_err(io_error)?);
         inner.wal = Some(wal);
     }
     let reserved = match inner.db.get(FENCING_RESERVATION).map_err(sled_error)? {

@@ -20,8 +20,27 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
+use idempotency_core::stats::{AtomicHistogram, BATCH_SIZE_BOUNDS, FLUSH_SECONDS_BOUNDS};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
+
+/// How the flushes went, for dashboards: kept by the store across reopenings.
+#[derive(Debug)]
+pub(crate) struct FlushStats {
+    /// How long each flush took, in seconds.
+    pub(crate) seconds: AtomicHistogram,
+    /// How many writes each flush made durable.
+    pub(crate) batch_size: AtomicHistogram,
+}
+
+impl Default for FlushStats {
+    fn default() -> Self {
+        FlushStats {
+            seconds: AtomicHistogram::new(FLUSH_SECONDS_BOUNDS),
+            batch_size: AtomicHistogram::new(BATCH_SIZE_BOUNDS),
+        }
+    }
+}
 
 /// Makes every write applied so far durable.
 pub type FlushFn = Box<dyn FnMut() -> std::io::Result<()> + Send>;
@@ -47,6 +66,7 @@ pub(crate) struct CommitState {
     signal: Mutex<Signal>,
     wake: Condvar,
     flushes: AtomicU64,
+    stats: Arc<FlushStats>,
 }
 
 /// The handle writers use; stopping it flushes once more and joins the thread.
@@ -61,8 +81,8 @@ pub(crate) struct GroupCommit {
 pub(crate) struct NotDurable;
 
 impl GroupCommit {
-    /// Starts the flusher thread around `flush`.
-    pub(crate) fn start(flush: FlushFn) -> std::io::Result<GroupCommit> {
+    /// Starts the flusher thread around `flush`, counting each flush into `stats`.
+    pub(crate) fn start(flush: FlushFn, stats: Arc<FlushStats>) -> std::io::Result<GroupCommit> {
         let shared = Arc::new(CommitState {
             written: AtomicU64::new(0),
             progress: watch::Sender::new(Progress::default()),
@@ -70,6 +90,7 @@ impl GroupCommit {
             signal: Mutex::new(Signal::default()),
             wake: Condvar::new(),
             flushes: AtomicU64::new(0),
+            stats,
         });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -168,12 +189,17 @@ pub(crate) fn run_flusher(shared: &CommitState, mut flush: FlushFn) {
         let already = shared.progress.borrow().durable;
         if target > already || stopping {
             shared.flushes.fetch_add(1, Ordering::Relaxed);
+            let started = std::time::Instant::now();
             if let Err(error) = flush() {
                 // After a failed fsync the kernel may have dropped the dirty pages, so a later
                 // "successful" flush would prove nothing: the store stops acknowledging for good.
                 tracing::error!(%error, "flush failed; no further change is acknowledged until the store is reopened");
                 poison(shared);
                 return;
+            }
+            shared.stats.seconds.observe_duration(started.elapsed());
+            if target > already {
+                shared.stats.batch_size.observe((target - already) as f64);
             }
             shared.progress.send_modify(|p| p.durable = p.durable.max(target));
         }
@@ -197,12 +223,16 @@ mod tests {
     use std::time::Duration;
 
     #[tokio::test]
-    async fn concurrent_writers_share_flushes() {
+    async fn concurrent_writers_share_flushes_and_each_flush_is_counted_with_its_batch() {
+        let stats = Arc::new(FlushStats::default());
         let commit = Arc::new(
-            GroupCommit::start(Box::new(|| {
-                std::thread::sleep(Duration::from_millis(5));
-                Ok(())
-            }))
+            GroupCommit::start(
+                Box::new(|| {
+                    std::thread::sleep(Duration::from_millis(5));
+                    Ok(())
+                }),
+                Arc::clone(&stats),
+            )
             .unwrap(),
         );
         let writers: Vec<_> = (0..64)
@@ -222,15 +252,26 @@ mod tests {
         // 640 writes; with one flush per write there would be 640 flushes.
         assert!(commit.flush_count() < 320, "flushes: {}", commit.flush_count());
         assert_eq!(commit.shared.progress.borrow().durable, 640);
+        // Every flush took at least 5 ms and made at least one write durable; together, all 640.
+        let (seconds, batches) = (stats.seconds.snapshot(), stats.batch_size.snapshot());
+        assert_eq!(seconds.count, commit.flush_count());
+        assert_eq!(seconds.buckets[..3].iter().map(|(_, count)| count).sum::<u64>(), 0, "{seconds:?}");
+        assert_eq!(batches.count, commit.flush_count());
+        assert_eq!(batches.sum, 640.0);
     }
 
     #[tokio::test]
     async fn a_failed_flush_fails_its_waiters_and_every_later_one() {
         let failing = Arc::new(AtomicBool::new(true));
         let flag = Arc::clone(&failing);
-        let commit = GroupCommit::start(Box::new(move || {
-            if flag.load(Ordering::SeqCst) { Err(std::io::Error::other("disk full")) } else { Ok(()) }
-        }))
+        let commit = GroupCommit::start(
+            Box::new(
+                move || {
+                    if flag.load(Ordering::SeqCst) { Err(std::io::Error::other("disk full")) } else { Ok(()) }
+                },
+            ),
+            Arc::default(),
+        )
         .unwrap();
         let mut health = commit.health();
         let ticket = commit.written();
@@ -245,7 +286,7 @@ mod tests {
 
     #[tokio::test]
     async fn failing_from_outside_turns_health_off_and_acknowledges_nothing_more() {
-        let commit = GroupCommit::start(Box::new(|| Ok(()))).unwrap();
+        let commit = GroupCommit::start(Box::new(|| Ok(())), Arc::default()).unwrap();
         let before = commit.written();
         commit.durable(before).await.expect("flushing works");
         assert!(*commit.health().borrow());
@@ -263,7 +304,7 @@ mod tests {
 
     #[tokio::test]
     async fn waits_after_stop_fail_instead_of_hanging() {
-        let commit = GroupCommit::start(Box::new(|| Ok(()))).unwrap();
+        let commit = GroupCommit::start(Box::new(|| Ok(())), Arc::default()).unwrap();
         let before = commit.written();
         commit.stop();
         commit.durable(before).await.expect("what was written before stop is flushed by it");
@@ -273,7 +314,7 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_waits_for_a_ticket_already_durable() {
-        let commit = GroupCommit::start(Box::new(|| Ok(()))).unwrap();
+        let commit = GroupCommit::start(Box::new(|| Ok(())), Arc::default()).unwrap();
         commit.durable(0).await.unwrap();
         let ticket = commit.written();
         commit.durable(ticket).await.unwrap();

@@ -78,7 +78,7 @@ pub(crate) fn supervise(shared: &StoreState) {
         }
         drop(old);
         let reopened = loop {
-            match open_database(&shared.options, &shared.wrap, &shared.quotas) {
+            match open_database(&shared.options, &shared.wrap, &shared.quotas, &shared.flush_stats) {
                 Ok(inner) => break inner,
                 Err(error) => {
                     // sled's own threads may hold the directory lock a moment after the last handle.

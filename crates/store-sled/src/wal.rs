@@ -554,7 +554,7 @@ mod tests {
         let recovery = read(data.path()).unwrap();
         write_checkpoint(&data.path().join(WAL_DIR), recovery.last_seq()).unwrap();
         let (wal, writer) = open(data.path(), file_bytes, recovery.last_seq(), flush).unwrap();
-        let commit = Arc::new(GroupCommit::start(writer.into_flush()).unwrap());
+        let commit = Arc::new(GroupCommit::start(writer.into_flush(), Arc::default()).unwrap());
         (data, wal, commit)
     }
 
