@@ -25,6 +25,17 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Address to serve Prometheus metrics on, at `GET /metrics` (OpenMetrics text; no auth, no
+    /// TLS: bind it where only the scraper can reach it). Unset: no metrics endpoint.
+    #[arg(long, env = "IDEMPOTENCY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Also serve the health service (grpc.health.v1, nothing else) in plaintext on this address,
+    /// for probes that cannot speak TLS or send credentials (Kubernetes' native gRPC probes). It
+    /// tells only whether the server is serving. Unset: health is on --listen only.
+    #[arg(long, env = "IDEMPOTENCY_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
     /// Directory of the embedded store; created if missing. Only one server may use it at a time.
     #[arg(long, env = "IDEMPOTENCY_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
@@ -210,6 +221,34 @@ pub enum Command {
     /// Copy every live record of an embedded store into PostgreSQL (safe to re-run), to move a
     /// single server to replicas on PostgreSQL. Stop the server that uses the directory first.
     Migrate(MigrateArgs),
+    /// Write the live records of a stopped embedded store to a snapshot file (created whole or
+    /// not at all), to restore later with `restore`.
+    Backup(BackupArgs),
+    /// Write the records of a snapshot file into a new embedded store (the directory must be
+    /// absent or empty); every later grant gets a fencing token above the backup's.
+    Restore(RestoreArgs),
+}
+
+/// What `backup` reads and writes.
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    /// The data directory of the embedded store (its server stopped).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The snapshot file to write.
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+/// What `restore` reads and writes.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// The data directory to create (absent or empty).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The snapshot file `backup` wrote.
+    #[arg(long)]
+    pub input: PathBuf,
 }
 
 /// Where `migrate` copies from and to.

@@ -9,8 +9,11 @@ use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
 use idempotency_core::domain::Timestamp;
+use idempotency_core::store::Store;
 use idempotency_store_postgres::{ImportError, ImportReport, PostgresOptions};
 use idempotency_store_sled::{Durability, OpenError, SledOptions, SledStore};
+
+use crate::progress::Progress;
 
 /// Why a migration stopped.
 #[derive(Debug, thiserror::Error)]
@@ -54,13 +57,15 @@ pub async fn sled_to_postgres(
     })?;
     let expired = Cell::new(0u64);
     let (records, fencing_floor) = source.export().map_err(|error| MigrateError::Import(ImportError::Source(error)))?;
-    let live = records.filter(|entry| match entry {
+    let progress = std::cell::RefCell::new(Progress::new("migrate", Some(source.record_count())));
+    let live = records.inspect(|_| progress.borrow_mut().inc()).filter(|entry| match entry {
         Ok((_, _, record)) if record.is_expired(now) => {
             expired.set(expired.get() + 1);
             false
         }
         _ => true,
     });
-    let import = idempotency_store_postgres::import(to, live, fencing_floor).await?;
-    Ok(MigrateReport { import, expired: expired.get() })
+    let import = idempotency_store_postgres::import(to, live, fencing_floor).await;
+    progress.into_inner().finish();
+    Ok(MigrateReport { import: import?, expired: expired.get() })
 }

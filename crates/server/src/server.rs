@@ -27,9 +27,10 @@ use idempotency_store_sled::{OpenError, SledStore};
 use crate::auth::{AuthFileError, Authorizer};
 use crate::config::{Config, ConfigError, StoreChoice};
 use crate::listener::{self, ListenOptions};
+use crate::metrics::{self, CallMetrics, Metrics};
 use crate::service::{CoordinatorService, Guard};
 use crate::stores::AnyStore;
-use crate::sweeper;
+use crate::sweeper::{self, SweeperStats};
 use crate::tls::{Tls, TlsError, TlsFiles};
 
 /// Room for the fields around a response in a Complete message, beyond the response limit.
@@ -53,6 +54,14 @@ pub enum ServerError {
     /// The auth file could not be used.
     #[error(transparent)]
     Auth(#[from] AuthFileError),
+    /// The metrics or health-only address could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address of `--metrics-listen` or `--health-listen`.
+        address: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The transport failed.
     #[error("serving failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -132,6 +141,10 @@ pub struct ServeOptions {
     pub keepalive: (Duration, Duration),
     /// TLS and access.
     pub security: Security,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where to serve the health service alone in plaintext, if anywhere.
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 impl ServeOptions {
@@ -148,6 +161,8 @@ impl ServeOptions {
             idle_timeout: config.idle_timeout,
             keepalive: (config.keepalive_interval, config.keepalive_timeout),
             security: Security::load(config)?,
+            metrics_listen: config.metrics_listen,
+            health_listen: config.health_listen,
         })
     }
 }
@@ -246,13 +261,55 @@ pub async fn serve<S: Store>(
     options: ServeOptions,
     shutdown: impl Future<Output = Stop> + Send + 'static,
 ) -> Result<(), ServerError> {
+    // Bound first: an address in use stops the server before it reports SERVING.
+    let bind = |address: Option<std::net::SocketAddr>| async move {
+        match address {
+            Some(address) => {
+                TcpListener::bind(address).await.map(Some).map_err(|source| ServerError::Bind { address, source })
+            }
+            None => Ok(None),
+        }
+    };
+    let metrics_listener = bind(options.metrics_listen).await?;
+    let health_listener = bind(options.health_listen).await?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::Serving).await;
     let stop_background = CancellationToken::new();
     let health_watch =
         tokio::spawn(follow_store_health(coordinator.store().health(), reporter.clone(), stop_background.clone()));
-    let sweeper =
-        sweeper::spawn(Arc::clone(&coordinator), options.sweep_interval, options.sweep_batch, stop_background.clone());
+    let sweeper_stats = Arc::new(SweeperStats::default());
+    let sweeper = sweeper::spawn(
+        Arc::clone(&coordinator),
+        options.sweep_interval,
+        options.sweep_batch,
+        stop_background.clone(),
+        Arc::clone(&sweeper_stats),
+    );
+    let metrics = Arc::new(Metrics::new(Arc::clone(&coordinator), sweeper_stats));
+    // The endpoint answers until the store is closed, so that a scrape sees the drain.
+    let stop_metrics = CancellationToken::new();
+    let metrics_endpoint = metrics_listener
+        .map(|listener| tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), stop_metrics.clone())));
+    // Health alone, in plaintext: it tells nothing but whether this server serves, and like the
+    // metrics it answers until the store is closed, so that probes see the drain.
+    let health_endpoint = health_listener.map(|listener| {
+        let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(listen = %address, "serving health alone in plaintext");
+        let stop = stop_metrics.clone();
+        let health_service = health_service.clone();
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                )
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "the health-only endpoint failed");
+            }
+        })
+    });
     let wakeups = coordinator.store().wakeups().map(|mut wakeups| {
         let coordinator = Arc::clone(&coordinator);
         let stop = stop_background.clone();
@@ -291,6 +348,7 @@ pub async fn serve<S: Store>(
     let coordinator_service = pb::coordinator_server::CoordinatorServer::new(CoordinatorService::new(
         Arc::clone(&coordinator),
         guard.clone(),
+        metrics.calls(),
     ))
     .accept_compressed(CompressionEncoding::Gzip)
     .max_decoding_message_size(max_message)
@@ -307,9 +365,14 @@ pub async fn serve<S: Store>(
     );
     if let Some(auth) = &options.security.auth {
         coordinator.store().set_namespace_quotas(auth.rules().quotas().clone());
+        metrics.calls().name_namespaces(auth.rules().quotas().keys());
     }
-    let reloads =
-        tokio::spawn(reload_on_change(options.security.clone(), Arc::clone(&coordinator), stop_background.clone()));
+    let reloads = tokio::spawn(reload_on_change(
+        options.security.clone(),
+        Arc::clone(&coordinator),
+        metrics.calls(),
+        stop_background.clone(),
+    ));
     let stop_accepting = CancellationToken::new();
     let (incoming, accepting) = listener::incoming(
         listener,
@@ -349,6 +412,7 @@ pub async fn serve<S: Store>(
         .max_concurrent_streams(options.max_streams_per_connection)
         .http2_keepalive_interval((!keepalive_interval.is_zero()).then_some(keepalive_interval))
         .http2_keepalive_timeout(Some(keepalive_timeout))
+        .layer(metrics.grpc_layer())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -376,6 +440,10 @@ pub async fn serve<S: Store>(
         let _ = wakeups.await;
     }
     let closed = coordinator.store().close().await.map_err(|error| ServerError::Close(error.to_string()));
+    stop_metrics.cancel();
+    for endpoint in [metrics_endpoint, health_endpoint].into_iter().flatten() {
+        let _ = endpoint.await;
+    }
     tracing::info!("stopped");
     served?;
     closed
@@ -383,7 +451,12 @@ pub async fn serve<S: Store>(
 
 /// Reloads the TLS material and the auth file on SIGHUP and when their files change (checked
 /// every second), and hands the auth file's quotas to the store.
-async fn reload_on_change<S: Store>(security: Security, coordinator: Arc<Coordinator<S>>, stop: CancellationToken) {
+async fn reload_on_change<S: Store>(
+    security: Security,
+    coordinator: Arc<Coordinator<S>>,
+    calls: Arc<CallMetrics>,
+    stop: CancellationToken,
+) {
     if security.tls.is_none() && security.auth.is_none() {
         return;
     }
@@ -417,6 +490,7 @@ async fn reload_on_change<S: Store>(security: Security, coordinator: Arc<Coordin
         .flatten();
         if let Some(rules) = reloaded_auth {
             coordinator.store().set_namespace_quotas(rules.quotas().clone());
+            calls.name_namespaces(rules.quotas().keys());
         }
     }
 }

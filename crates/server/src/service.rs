@@ -17,6 +17,7 @@ use idempotency_proto::{Reason, pb};
 
 use crate::auth::{Authorizer, Credentials, Denial, Role};
 use crate::listener::ConnectionInfo;
+use crate::metrics::{CallMetrics, ClaimMetric};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Status};
 use tracing::Instrument;
@@ -25,13 +26,31 @@ use tracing::Instrument;
 pub struct CoordinatorService<S> {
     coordinator: Arc<Coordinator<S>>,
     guard: Guard,
+    metrics: Arc<CallMetrics>,
 }
 
 impl<S> CoordinatorService<S> {
-    /// Serves `coordinator`, admitting calls through `guard`.
-    pub fn new(coordinator: Arc<Coordinator<S>>, guard: Guard) -> Self {
-        CoordinatorService { coordinator, guard }
+    /// Serves `coordinator`, admitting calls through `guard` and counting them into `metrics`.
+    pub fn new(coordinator: Arc<Coordinator<S>>, guard: Guard, metrics: Arc<CallMetrics>) -> Self {
+        CoordinatorService { coordinator, guard, metrics }
     }
+
+    /// Counts a refused call of `method` by its reason (and a refused Claim by its outcome).
+    fn refused(&self, method: &'static str, namespace: &str, status: Status) -> Status {
+        if let Some(reason) = reason_of(&status) {
+            self.metrics.refusal(method, reason);
+            if let Some(outcome) = ClaimMetric::of_refusal(reason).filter(|_| method == "Claim") {
+                self.metrics.claim(namespace, outcome);
+            }
+        }
+        status
+    }
+}
+
+/// The `google.rpc.ErrorInfo` reason of a status this service made.
+fn reason_of(status: &Status) -> Option<Reason> {
+    use tonic_types::StatusExt;
+    status.get_details_error_info()?.reason.parse().ok()
 }
 
 /// How long a caller refused as OVERLOADED is told to wait before trying again.
@@ -140,9 +159,10 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
     async fn claim(&self, request: Request<pb::ClaimRequest>) -> Result<tonic::Response<pb::ClaimResponse>, Status> {
         // Read first: the deadline counts from the call's arrival.
         let deadline = grpc_timeout(&request);
-        let _in_flight = self.guard.admit()?;
+        let _in_flight = self.guard.admit().map_err(|status| self.refused("Claim", "", status))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
+        let namespace = request.namespace.clone();
         let span = tracing::info_span!("claim", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
@@ -166,7 +186,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
             let outcome = self.coordinator.claim(&namespace, &key, &claim, wait, answer_by(deadline)).await?;
             let (name, outcome) = match outcome {
                 ClaimOutcome::Acquired(grant) => (
-                    if grant.takeover { "acquired_takeover" } else { "acquired" },
+                    if grant.takeover { ClaimMetric::Takeover } else { ClaimMetric::Acquired },
                     pb::claim_response::Outcome::Acquired(pb::Acquired {
                         lease_token: grant.lease_token.to_text(),
                         fencing_token: grant.fencing_token.0,
@@ -176,7 +196,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                     }),
                 ),
                 ClaimOutcome::InProgress { lease_expires_at, attempt, owner, retry_after } => (
-                    "in_progress",
+                    ClaimMetric::InProgress,
                     pb::claim_response::Outcome::InProgress(pb::InProgress {
                         lease_expires_at: Some(timestamp(lease_expires_at)),
                         attempt,
@@ -185,7 +205,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                     }),
                 ),
                 ClaimOutcome::Completed(stored) => (
-                    "completed",
+                    ClaimMetric::Replayed,
                     pb::claim_response::Outcome::Completed(pb::Completed {
                         response: Some(pb_response(stored.response)),
                         completed_at: Some(timestamp(stored.completed_at)),
@@ -194,13 +214,14 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                     }),
                 ),
             };
-            tracing::Span::current().record("outcome", name);
+            tracing::Span::current().record("outcome", name.label());
+            self.metrics.claim(&request.namespace, name);
             tracing::debug!("answered");
             Ok::<_, CallError>(tonic::Response::new(pb::ClaimResponse { outcome: Some(outcome) }))
         }
         .instrument(span)
         .await
-        .map_err(status_of)
+        .map_err(|error| self.refused("Claim", &namespace, status_of(error)))
         .inspect_err(log_status)
     }
 
@@ -209,9 +230,10 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         request: Request<pb::CompleteRequest>,
     ) -> Result<tonic::Response<pb::CompleteResponse>, Status> {
         let deadline = grpc_timeout(&request);
-        let _in_flight = self.guard.admit()?;
+        let _in_flight = self.guard.admit().map_err(|status| self.refused("Complete", "", status))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
+        let namespace = request.namespace.clone();
         let span = tracing::info_span!("complete", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
@@ -231,6 +253,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                 .await?;
             tracing::Span::current()
                 .record("outcome", if outcome.already_completed { "already_completed" } else { "completed" });
+            self.metrics.completion(outcome.already_completed);
             tracing::debug!("answered");
             Ok::<_, CallError>(tonic::Response::new(pb::CompleteResponse {
                 completed_at: Some(timestamp(outcome.completed_at)),
@@ -241,15 +264,16 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         }
         .instrument(span)
         .await
-        .map_err(status_of)
+        .map_err(|error| self.refused("Complete", &namespace, status_of(error)))
         .inspect_err(log_status)
     }
 
     async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<tonic::Response<pb::RenewResponse>, Status> {
         let deadline = grpc_timeout(&request);
-        let _in_flight = self.guard.admit()?;
+        let _in_flight = self.guard.admit().map_err(|status| self.refused("Renew", "", status))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
+        let namespace = request.namespace.clone();
         let span = tracing::info_span!("renew", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
@@ -265,6 +289,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
                 .renew(&namespace, &key, &Renew { lease_token, lease_ttl }, answer_by(deadline))
                 .await?;
             tracing::Span::current().record("outcome", "renewed");
+            self.metrics.renewal();
             tracing::debug!("answered");
             Ok::<_, CallError>(tonic::Response::new(pb::RenewResponse {
                 lease_expires_at: Some(timestamp(outcome.lease_expires_at)),
@@ -273,7 +298,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         }
         .instrument(span)
         .await
-        .map_err(status_of)
+        .map_err(|error| self.refused("Renew", &namespace, status_of(error)))
         .inspect_err(log_status)
     }
 
@@ -282,9 +307,10 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<tonic::Response<pb::ReleaseResponse>, Status> {
         let deadline = grpc_timeout(&request);
-        let _in_flight = self.guard.admit()?;
+        let _in_flight = self.guard.admit().map_err(|status| self.refused("Release", "", status))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
+        let namespace = request.namespace.clone();
         let span = tracing::info_span!("release", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
@@ -295,20 +321,22 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
             let lease_token = LeaseToken::parse(&request.lease_token)?;
             self.coordinator.release(&namespace, &key, &Release { lease_token }, answer_by(deadline)).await?;
             tracing::Span::current().record("outcome", "released");
+            self.metrics.release();
             tracing::debug!("answered");
             Ok::<_, CallError>(tonic::Response::new(pb::ReleaseResponse {}))
         }
         .instrument(span)
         .await
-        .map_err(status_of)
+        .map_err(|error| self.refused("Release", &namespace, status_of(error)))
         .inspect_err(log_status)
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<tonic::Response<pb::LookupResponse>, Status> {
         let deadline = grpc_timeout(&request);
-        let _in_flight = self.guard.admit()?;
+        let _in_flight = self.guard.admit().map_err(|status| self.refused("Lookup", "", status))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
+        let namespace = request.namespace.clone();
         let span = tracing::info_span!("lookup", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Read)?;
@@ -343,7 +371,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         }
         .instrument(span)
         .await
-        .map_err(status_of)
+        .map_err(|error| self.refused("Lookup", &namespace, status_of(error)))
         .inspect_err(log_status)
     }
 }

@@ -460,6 +460,8 @@ async fn serve_on(
         idle_timeout: Duration::from_secs(300),
         keepalive: (Duration::from_secs(30), Duration::from_secs(20)),
         security: Default::default(),
+        metrics_listen: None,
+        health_listen: None,
     };
     let task = tokio::spawn(async move {
         let _ = server::serve(listener, coordinator, serve_options, async move {
@@ -750,4 +752,390 @@ async fn a_bad_store_url_or_an_absent_database_stops_the_server_with_a_clear_mes
     assert!(!log.contains("secret"), "the password leaked: {log}");
     let log = fail(&["--store", "postgres://127.0.0.1/x", "--postgres-schema", "Bad-Name"]);
     assert!(log.contains("schema name"), "{log}");
+}
+
+/// An address on loopback that was free a moment ago, below Linux's ephemeral range (32768 and
+/// up), so that no listener bound to port 0 meanwhile (other tests' servers) can take it.
+fn free_local_address() -> std::net::SocketAddr {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (std::process::id() * 131 + n) % 10_000;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return listener.local_addr().unwrap();
+        }
+    }
+}
+
+/// A sample line of the metrics endpoint: its name, its labels and its value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// `GET /metrics` from `address`: each sample line.
+async fn scrape(address: std::net::SocketAddr) -> Vec<Sample> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((name, labels)) => (name, labels.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap();
+                    (key.to_owned(), value.trim_matches('"').to_owned())
+                })
+                .collect();
+            (name.to_owned(), labels, value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The value of the sample named `name` whose labels include `labels` (0 if there is none; it
+/// panics if several match).
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<f64> = samples
+        .iter()
+        .filter(|(sample_name, sample_labels, _)| {
+            sample_name == name
+                && labels.iter().all(|(key, value)| sample_labels.iter().any(|(k, v)| k == key && v == value))
+        })
+        .map(|(_, _, value)| *value)
+        .collect();
+    assert!(matching.len() <= 1, "{name} {labels:?} matches {matching:?}");
+    matching.first().copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_call_by_method_code_and_outcome() {
+    metrics_count_every_call(Backend::Sled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_on_postgres_count_every_call_and_show_the_pool_and_statements() {
+    if let Some(backend) = Backend::postgres() {
+        metrics_count_every_call(backend).await;
+    }
+}
+
+async fn metrics_count_every_call(backend: Backend) {
+    let metrics = free_local_address();
+    let sled = matches!(backend, Backend::Sled);
+    let server = TestServer::start_on_with(backend, |config| config.metrics_listen = Some(metrics)).await;
+    let mut client = server.client().await;
+    let a = claim_acquired(&mut client, "a").await;
+    let b = claim_acquired(&mut client, "b").await;
+    in_progress(client.claim(claim_request("a", b"fp")).await.unwrap().into_inner());
+    client.complete(complete_request("a", &a.lease_token, b"body")).await.unwrap();
+    client.complete(complete_request("a", &a.lease_token, b"body")).await.unwrap();
+    completed(client.claim(claim_request("a", b"fp")).await.unwrap().into_inner());
+    let status = client.claim(claim_request("a", b"other")).await.unwrap_err();
+    assert_status(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
+    let status = client.claim(claim_request("", b"fp")).await.unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "INVALID_KEY");
+    // a's token does not hold b.
+    let status = client.complete(complete_request("b", &a.lease_token, b"")).await.unwrap_err();
+    assert_status(&status, Code::Aborted, "LEASE_LOST");
+    client.renew(renew_request("b", &b.lease_token, secs(30))).await.unwrap();
+    client.release(release_request("b", &b.lease_token)).await.unwrap();
+    client.lookup(lookup_request("a")).await.unwrap();
+    // A Claim that waits for a held key and gets its response when the holder completes.
+    let c = claim_acquired(&mut client, "c").await;
+    let waiter = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let mut request = claim_request("c", b"fp");
+            request.wait = Some(secs(10));
+            client.claim(request).await
+        })
+    };
+    while server.coordinator().waiting_claims() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client.complete(complete_request("c", &c.lease_token, b"")).await.unwrap();
+    completed(waiter.await.unwrap().unwrap().into_inner());
+
+    let samples = scrape(metrics).await;
+    let grpc = |method: &str, code: Option<&str>| {
+        let mut labels =
+            vec![("grpc_type", "unary"), ("grpc_service", "idempotency.v1.Coordinator"), ("grpc_method", method)];
+        match code {
+            Some(code) => {
+                labels.push(("grpc_code", code));
+                sample(&samples, "grpc_server_handled_total", &labels)
+            }
+            None => sample(&samples, "grpc_server_started_total", &labels),
+        }
+    };
+    assert_eq!(grpc("Claim", None), 8.0);
+    assert_eq!(grpc("Claim", Some("OK")), 6.0);
+    assert_eq!(grpc("Claim", Some("FailedPrecondition")), 1.0);
+    assert_eq!(grpc("Claim", Some("InvalidArgument")), 1.0);
+    assert_eq!(grpc("Complete", None), 4.0);
+    assert_eq!(grpc("Complete", Some("OK")), 3.0);
+    assert_eq!(grpc("Complete", Some("Aborted")), 1.0);
+    assert_eq!(grpc("Renew", Some("OK")), 1.0);
+    assert_eq!(grpc("Release", Some("OK")), 1.0);
+    assert_eq!(grpc("Lookup", Some("OK")), 1.0);
+    let handled_claims = [("grpc_method", "Claim"), ("grpc_service", "idempotency.v1.Coordinator")];
+    assert_eq!(sample(&samples, "grpc_server_handling_seconds_count", &handled_claims), 8.0);
+
+    let claims = |outcome: &str| sample(&samples, "idempotency_claims_total", &[("outcome", outcome)]);
+    assert_eq!(claims("acquired"), 3.0);
+    assert_eq!(claims("in_progress"), 1.0);
+    assert_eq!(claims("replayed"), 2.0);
+    assert_eq!(claims("fingerprint_mismatch"), 1.0);
+    assert_eq!(claims("takeover"), 0.0);
+    let refusals = |method: &str, reason: &str| {
+        sample(&samples, "idempotency_refusals_total", &[("method", method), ("reason", reason)])
+    };
+    assert_eq!(refusals("Claim", "INVALID_KEY"), 1.0);
+    assert_eq!(refusals("Claim", "FINGERPRINT_MISMATCH"), 1.0);
+    assert_eq!(refusals("Complete", "LEASE_LOST"), 1.0);
+    let completions = |outcome: &str| sample(&samples, "idempotency_completions_total", &[("outcome", outcome)]);
+    assert_eq!(completions("completed"), 2.0);
+    assert_eq!(completions("already_completed"), 1.0);
+    assert_eq!(sample(&samples, "idempotency_renewals_total", &[]), 1.0);
+    assert_eq!(sample(&samples, "idempotency_releases_total", &[]), 1.0);
+    assert_eq!(sample(&samples, "idempotency_claim_waits_total", &[("ended", "completed")]), 1.0);
+    assert_eq!(sample(&samples, "idempotency_claim_waits_total", &[("ended", "timed_out")]), 0.0);
+    if sled {
+        // (PostgreSQL's count is read every second.)
+        assert_eq!(sample(&samples, "idempotency_records", &[]), 3.0);
+    }
+    assert_eq!(sample(&samples, "idempotency_store_healthy", &[]), 1.0);
+    if sled {
+        // Grants, completes, the renewal and the release were each made durable by a flush.
+        let flushes = sample(&samples, "idempotency_store_flush_duration_seconds_count", &[]);
+        assert!(flushes >= 1.0, "{flushes}");
+        assert_eq!(sample(&samples, "idempotency_store_flush_batch_size_count", &[]), flushes);
+        assert!(sample(&samples, "idempotency_store_flush_batch_size_sum", &[]) >= 7.0);
+        assert!(sample(&samples, "idempotency_store_disk_bytes", &[]) > 0.0);
+    } else {
+        // Every call above that reached the store ran a statement (the waiting Claim two).
+        let statements = sample(&samples, "idempotency_postgres_statement_duration_seconds_count", &[]);
+        assert!(statements >= 14.0, "{statements}");
+        assert!(sample(&samples, "idempotency_postgres_pool_connections", &[("state", "idle")]) >= 1.0);
+        assert_eq!(sample(&samples, "idempotency_postgres_pool_waiting", &[]), 0.0);
+        assert_eq!(sample(&samples, "idempotency_postgres_listen_reconnects_total", &[]), 0.0);
+        assert_eq!(samples.iter().filter(|(name, ..)| name == "idempotency_postgres_clock_offset_seconds").count(), 1);
+    }
+    assert!(sample(&samples, "process_resident_memory_bytes", &[]) > 0.0);
+    assert!(sample(&samples, "process_open_fds", &[]) > 0.0);
+
+    // The Grafana dashboard uses only series this server exports (those of the other store
+    // aside, and the sweeper's lag, known only once a pass has found nothing left to sweep).
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/grafana/idempotency-coordinator.json"
+    ))
+    .unwrap();
+    let other_store = if sled { "idempotency_postgres_" } else { "idempotency_store_" };
+    let used: std::collections::BTreeSet<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        .filter(|word| ["grpc_server_", "idempotency_", "process_"].iter().any(|prefix| word.starts_with(prefix)))
+        .filter(|word| !word.starts_with(other_store) && *word != "idempotency_sweeper_lag_seconds")
+        .collect();
+    assert!(used.len() >= 20, "{used:?}");
+    for name in used {
+        assert!(
+            samples.iter().any(|(sample_name, ..)| sample_name == name),
+            "the dashboard uses {name}, which the server does not export"
+        );
+    }
+}
+
+/// Runs the binary with `args`; its exit status and what it printed (standard output, then error).
+fn run_binary(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let output = Command::new(binary()).args(args).output().expect("the binary runs");
+    let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), printed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_keep_every_live_record_lease_and_fencing_floor() {
+    use idempotency_core::clock::{Clock, SystemClock};
+    use idempotency_core::domain::Timestamp;
+    use std::ffi::OsStr;
+
+    // An embedded store on real time with three live records, then, after each of two restarts
+    // (each starts a new block of fencing tokens), a grant whose retention ended ten seconds ago:
+    // the highest tokens it handed out are on records the backup leaves out.
+    let mut server = TestServer::start().await;
+    let now = SystemClock.now();
+    server.clock.set(now);
+    let mut client = server.client().await;
+    let done = claim_acquired(&mut client, "done").await;
+    let mut stored = response(b"\x00binary\xffbody");
+    stored.metadata.insert("location".into(), "/payments/pay_1".into());
+    let mut request = complete_request("done", &done.lease_token, b"");
+    request.response = Some(stored.clone());
+    client.complete(request).await.unwrap();
+    let mut long = claim_request("held", b"fp");
+    long.lease_ttl = Some(secs(120));
+    let held = acquired(client.claim(long).await.unwrap().into_inner());
+    let released = claim_acquired(&mut client, "released").await;
+    client.release(release_request("released", &released.lease_token)).await.unwrap();
+    let mut highest_expired = 0;
+    for gone in ["gone-1", "gone-2"] {
+        server.restart().await;
+        server.clock.set(Timestamp::from_unix_millis(now.unix_millis() - 10_000));
+        let mut client = server.client().await;
+        let mut short = claim_request(gone, b"fp");
+        (short.lease_ttl, short.retention) = (Some(secs(1)), Some(secs(1)));
+        highest_expired = acquired(client.claim(short).await.unwrap().into_inner()).fencing_token;
+        server.clock.set(now);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("store.snapshot");
+    let data_dir = server.data_dir().as_os_str().to_owned();
+    // A running server holds its directory: the backup is refused, clearly.
+    let (ok, printed) = run_binary(&[
+        OsStr::new("backup"),
+        OsStr::new("--data-dir"),
+        &data_dir,
+        OsStr::new("--output"),
+        snapshot.as_os_str(),
+    ]);
+    assert!(!ok && printed.contains("is a server still running on it?"), "{printed}");
+    assert!(!snapshot.exists());
+    server.stop().await;
+
+    let (ok, printed) = run_binary(&[
+        OsStr::new("backup"),
+        OsStr::new("--data-dir"),
+        &data_dir,
+        OsStr::new("--output"),
+        snapshot.as_os_str(),
+    ]);
+    assert!(ok, "{printed}");
+    assert!(printed.contains("wrote 3 records") && printed.contains("2 expired left out"), "{printed}");
+    // Without a terminal, progress comes as plain lines.
+    assert!(printed.contains("backup: 5 of 5 records"), "{printed}");
+
+    // A restore writes a new directory only.
+    let (ok, printed) = run_binary(&[
+        OsStr::new("restore"),
+        OsStr::new("--data-dir"),
+        &data_dir,
+        OsStr::new("--input"),
+        snapshot.as_os_str(),
+    ]);
+    assert!(!ok && printed.contains("is not empty"), "{printed}");
+    // A damaged snapshot is refused before anything is written.
+    let damaged = dir.path().join("damaged.snapshot");
+    let bytes = std::fs::read(&snapshot).unwrap();
+    std::fs::write(&damaged, &bytes[..bytes.len() - 20]).unwrap();
+    let restored = dir.path().join("restored");
+    let (ok, printed) = run_binary(&[
+        OsStr::new("restore"),
+        OsStr::new("--data-dir"),
+        restored.as_os_str(),
+        OsStr::new("--input"),
+        damaged.as_os_str(),
+    ]);
+    assert!(!ok && printed.contains("not a usable snapshot"), "{printed}");
+    assert!(!restored.exists());
+    let (ok, printed) = run_binary(&[
+        OsStr::new("restore"),
+        OsStr::new("--data-dir"),
+        restored.as_os_str(),
+        OsStr::new("--input"),
+        snapshot.as_os_str(),
+    ]);
+    assert!(ok, "{printed}");
+    assert!(printed.contains("restored 3 records"), "{printed}");
+
+    let server = ChildServer::start(&restored);
+    let mut client = server.client().await;
+    let replay = completed(client.claim(claim_request("done", b"fp")).await.unwrap().into_inner());
+    assert_eq!(replay.response, Some(stored));
+    let busy = in_progress(client.claim(claim_request("held", b"fp")).await.unwrap().into_inner());
+    assert_eq!(busy.lease_expires_at, held.lease_expires_at);
+    let status = client.claim(claim_request("held", b"other")).await.unwrap_err();
+    assert_status(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
+    // Fencing continues above every token the backed-up store handed out, those of records the
+    // backup left out included, and the holder's token still works.
+    let again = claim_acquired(&mut client, "released").await;
+    assert!(again.fencing_token > highest_expired, "{} after {highest_expired}", again.fencing_token);
+    client.complete(complete_request("held", &held.lease_token, b"finished")).await.unwrap();
+    let status = client.lookup(lookup_request("gone-2")).await.unwrap_err();
+    assert_status(&status, Code::NotFound, "KEY_NOT_FOUND");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_only_address_answers_health_and_nothing_else() {
+    let health = free_local_address();
+    let server = TestServer::start_with(|config| config.health_listen = Some(health)).await;
+    // The test server's task binds the address as it starts serving, moments after it returns.
+    let mut answered = health_check(&health.to_string()).await;
+    for _ in 0..100 {
+        if answered.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        answered = health_check(&health.to_string()).await;
+    }
+    assert_eq!(answered.unwrap(), ServingStatus::Serving);
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(format!("http://{health}")).await.unwrap();
+    let status = client.claim(claim_request("a", b"fp")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    // The server's own address still serves everything.
+    server.client().await.claim(claim_request("a", b"fp")).await.unwrap();
+}
+
+/// The flags of a deployment recipe's command line: `--flag=value` or `--flag value` words.
+fn recipe_flags(text: &str, line_prefix: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| line.trim_start().strip_prefix(line_prefix))
+        .flat_map(|rest| rest.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .collect()
+}
+
+#[test]
+fn the_deployment_recipes_use_only_flags_the_server_accepts_and_would_start_with() {
+    use clap::Parser;
+    use idempotency_coordinator::Config;
+    let recipe =
+        |path: &str| std::fs::read_to_string(format!("{}/../../deploy/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let check = |name: &str, flags: Vec<String>| {
+        assert!(flags.len() >= 3, "{name}: {flags:?}");
+        let config = Config::try_parse_from(std::iter::once("idempotency-coordinator".to_owned()).chain(flags.clone()))
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        config.validate().unwrap_or_else(|error| panic!("{name}: {error}"));
+        assert!(config.metrics_listen.is_some(), "{name}: no metrics port");
+    };
+    // systemd: the words after the binary on ExecStart.
+    let unit = recipe("systemd/idempotency-coordinator.service");
+    let exec = recipe_flags(&unit, "ExecStart=");
+    assert!(exec[0].ends_with("/idempotency-coordinator"), "{exec:?}");
+    check("systemd", exec[1..].to_vec());
+    // Kubernetes: the container's args (one `- --flag=value` per line).
+    for manifest in ["kubernetes/embedded.yaml", "kubernetes/postgres.yaml"] {
+        let text = recipe(manifest);
+        let mut flags = recipe_flags(&text, "- --");
+        for flag in &mut flags {
+            flag.insert_str(0, "--");
+        }
+        if manifest.contains("postgres") {
+            // The store URL comes from a Secret, as IDEMPOTENCY_STORE.
+            assert!(text.contains("name: IDEMPOTENCY_STORE"), "{manifest}");
+            flags.push("--store=postgres://user@db:5432/app".to_owned());
+        }
+        check(manifest, flags);
+        assert!(text.contains("grpc: {port: 8081, service: idempotency.v1.Coordinator}"), "{manifest}: readiness");
+        assert!(text.contains("kind: PodDisruptionBudget"), "{manifest}");
+    }
 }

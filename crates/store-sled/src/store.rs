@@ -11,12 +11,13 @@ use idempotency_core::domain::{
     Claim, ClaimOutcome, Complete, CompleteOutcome, FencingToken, Key, KeyView, Namespace, Record, Release, Renew,
     RenewOutcome, Timestamp, Transition,
 };
+use idempotency_core::stats::StoreStats;
 use idempotency_core::store::{Store, StoreError, SweepReport};
 use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::sync::watch;
 
 use crate::database::{LockWait, OpenDatabase, SweepReach, open_database};
-use crate::group_commit::FlushFn;
+use crate::group_commit::{FlushFn, FlushStats};
 use crate::layout::{Body, RECORD_PREFIX, decode_stored, parse_record_key, record_key};
 use crate::supervisor::supervise;
 use crate::sweep_thread::{SweepThread, TRIM_AFTER_SWEEPING, return_freed_memory};
@@ -81,6 +82,27 @@ pub enum OpenError {
 /// One record read by [`SledStore::export`], with its namespace and key.
 pub type ExportedRecord = Result<(Namespace, Key, Record), StoreError>;
 
+/// What [`SledStore::import`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImportCounts {
+    /// Records added.
+    pub inserted: u64,
+    /// Records that replaced an earlier state of the same key.
+    pub replaced: u64,
+    /// Records left alone: the store holds the same or a later state of the key.
+    pub kept: u64,
+    /// Records skipped because their retention had ended.
+    pub expired: u64,
+    /// Every grant from now on is above this fencing token.
+    pub fencing_floor: u64,
+}
+
+enum Imported {
+    Inserted,
+    Replaced,
+    Kept,
+}
+
 impl Drop for SledStore {
     fn drop(&mut self) {
         // Without this, the supervisor thread would keep the database (and its directory lock)
@@ -117,6 +139,8 @@ pub(crate) struct StoreState {
     pub(crate) swept_since_trim: AtomicU64,
     /// The per-namespace record quotas, by namespace.
     pub(crate) quotas: Arc<RwLock<HashMap<String, u64>>>,
+    /// How the group commit's flushes went, across reopenings.
+    pub(crate) flush_stats: Arc<FlushStats>,
 }
 
 impl SledStore {
@@ -137,7 +161,8 @@ impl SledStore {
 
     fn open_wrapped(options: &SledOptions, wrap: FlushWrapper) -> Result<SledStore, OpenError> {
         let quotas = Arc::new(RwLock::new(HashMap::new()));
-        let inner = open_database(options, &wrap, &quotas)?;
+        let flush_stats = Arc::new(FlushStats::default());
+        let inner = open_database(options, &wrap, &quotas, &flush_stats)?;
         let shared = Arc::new(StoreState {
             options: options.clone(),
             wrap,
@@ -149,6 +174,7 @@ impl SledStore {
             sweeps: SweepThread::start(&options.path)?,
             swept_since_trim: AtomicU64::new(0),
             quotas,
+            flush_stats,
         });
         if options.durability == Durability::Strict {
             let supervised = Arc::clone(&shared);
@@ -191,6 +217,62 @@ impl SledStore {
         });
         let reserved = inner.fencing.lock().reserved;
         Ok((records, reserved))
+    }
+
+    /// Copies `records` in (a restore or an import): each key is written unless this store
+    /// holds the same or a later state of it ([`Record::is_superseded_by`]); records expired at
+    /// `now` are skipped; the fencing counter is raised so that every later grant is above
+    /// `fencing_floor`. `progress` is called after each record. What it wrote is durable when
+    /// it returns. It makes sled's calls on the task that polls it (no `spawn_blocking` per
+    /// record): run it where blocking is allowed (a command-line tool, `block_in_place`).
+    pub async fn import(
+        &self,
+        records: impl Iterator<Item = ExportedRecord>,
+        fencing_floor: u64,
+        now: Timestamp,
+        mut progress: impl FnMut(),
+    ) -> Result<ImportCounts, StoreError> {
+        /// Records between waits for the group commit: the log's files are only reused once
+        /// what they hold is flushed, which a wait asks for.
+        const DURABLE_EVERY: u64 = 1024;
+        let inner = self.inner()?;
+        let mut counts = ImportCounts::default();
+        let mut last_ticket = 0;
+        for (done, entry) in (1u64..).zip(records) {
+            let (namespace, key, record) = entry?;
+            progress();
+            if record.is_expired(now) {
+                counts.expired += 1;
+                continue;
+            }
+            let (outcome, ticket) = inner.apply(&record_key(&namespace, &key), now, |_, current| {
+                Ok(match current {
+                    Some(current) if !current.is_superseded_by(&record) => {
+                        Transition { write: None, outcome: Imported::Kept }
+                    }
+                    Some(_) => Transition { write: Some(record), outcome: Imported::Replaced },
+                    None => Transition { write: Some(record), outcome: Imported::Inserted },
+                })
+            })?;
+            match outcome {
+                Imported::Inserted => counts.inserted += 1,
+                Imported::Replaced => counts.replaced += 1,
+                Imported::Kept => counts.kept += 1,
+            }
+            last_ticket = last_ticket.max(ticket);
+            if done % DURABLE_EVERY == 0 {
+                inner.wait_durable(last_ticket).await?;
+            }
+        }
+        // Drawing one token above the floor writes a reservation above it (a log entry with
+        // strict durability, which the last wait below covers).
+        let drawn = inner.next_fencing_token(FencingToken(fencing_floor))?;
+        counts.fencing_floor = drawn.0;
+        if let Some(commit) = &inner.commit {
+            last_ticket = last_ticket.max(commit.written());
+        }
+        inner.wait_durable(last_ticket).await?;
+        Ok(counts)
     }
 
     /// A digest of every stored byte (records, index and metadata), to show that a call
@@ -319,6 +401,15 @@ impl Store for SledStore {
         self.shared.healthy.subscribe()
     }
 
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            flush_seconds: Some(self.shared.flush_stats.seconds.snapshot()),
+            flush_batch_size: Some(self.shared.flush_stats.batch_size.snapshot()),
+            disk_bytes: Some(bytes_under(&self.shared.options.path)),
+            ..StoreStats::default()
+        }
+    }
+
     async fn close(&self) -> Result<(), StoreError> {
         self.stop_supervisor();
         let shared = Arc::clone(&self.shared);
@@ -349,6 +440,20 @@ impl Store for SledStore {
         .await
         .map_err(|error| StoreError::unavailable_because("the close task failed", error))?
     }
+}
+
+/// The bytes the files under `path` take, counted as they are found: a file that disappears
+/// while it is counted (sled deletes blob files at any moment) counts as nothing.
+fn bytes_under(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => bytes_under(&entry.path()),
+            Ok(_) => entry.metadata().map_or(0, |metadata| metadata.len()),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 #[cfg(test)]

@@ -93,6 +93,15 @@ impl Record {
         self.expires_at() <= now
     }
 
+    /// Whether `other`, a copy of the same key from elsewhere (a backup, another store), is a
+    /// later state of it: a later grant (higher fencing token), or the same grant changed later.
+    /// Imports replace a record only with a later state, so re-running one never undoes what
+    /// happened since. (The PostgreSQL import's `ON CONFLICT … WHERE` restates this rule.)
+    pub fn is_superseded_by(&self, other: &Record) -> bool {
+        other.fencing_token > self.fencing_token
+            || (other.fencing_token == self.fencing_token && other.updated_at > self.updated_at)
+    }
+
     /// The bytes stored for this record.
     pub fn encode(&self) -> Vec<u8> {
         let mut bytes = Vec::new();
