@@ -20,8 +20,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
@@ -164,15 +165,61 @@ struct GrpcMetrics {
     started: Family<MethodLabels, Counter>,
     handled: Family<HandledLabels, Counter>,
     handling: Family<MethodLabels, Histogram, HistogramConstructor>,
+    /// Per method (in [`METHODS`] order, then `unknown`), the series a call counts into, each
+    /// taken from its family on first use and kept: a call then costs atomic increments, with
+    /// no label hashing and no lock. (Taken lazily, so that methods never called show no series.)
+    methods: Vec<MethodSeries>,
+}
+
+/// The series of one method.
+struct MethodSeries {
+    labels: MethodLabels,
+    started: OnceLock<Counter>,
+    handling: OnceLock<Histogram>,
+    /// Indexed by status code (0 to 16).
+    handled: [OnceLock<Counter>; 17],
 }
 
 impl Default for GrpcMetrics {
     fn default() -> Self {
+        let unknown = MethodLabels { grpc_type: "unknown", grpc_service: "unknown", grpc_method: "unknown" };
+        let methods = METHODS
+            .iter()
+            .map(|(grpc_service, grpc_method, grpc_type)| MethodLabels { grpc_type, grpc_service, grpc_method })
+            .chain([unknown])
+            .map(|labels| MethodSeries {
+                labels,
+                started: OnceLock::new(),
+                handling: OnceLock::new(),
+                handled: std::array::from_fn(|_| OnceLock::new()),
+            })
+            .collect();
         GrpcMetrics {
             started: Family::default(),
             handled: Family::default(),
             handling: Family::new_with_constructor(|| Histogram::new(HANDLING_SECONDS_BOUNDS)),
+            methods,
         }
+    }
+}
+
+impl GrpcMetrics {
+    fn started(&self, method: usize) {
+        let series = &self.methods[method];
+        series.started.get_or_init(|| self.started.get_or_create(&series.labels).clone()).inc();
+    }
+
+    fn handled(&self, method: usize, code: tonic::Code, took: Duration) {
+        let series = &self.methods[method];
+        series.handling.get_or_init(|| self.handling.get_or_create(&series.labels).clone()).observe(took.as_secs_f64());
+        let MethodLabels { grpc_type, grpc_service, grpc_method } = series.labels.clone();
+        let index = usize::try_from(code as i32).unwrap_or(2).min(16);
+        series.handled[index]
+            .get_or_init(|| {
+                let labels = HandledLabels { grpc_type, grpc_service, grpc_method, grpc_code: code_name(code) };
+                self.handled.get_or_create(&labels).clone()
+            })
+            .inc();
     }
 }
 
@@ -190,14 +237,16 @@ const METHODS: &[(&str, &str, &str)] = &[
     ("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo", "bidi_stream"),
 ];
 
-fn method_labels(path: &str) -> MethodLabels {
-    let known = path.strip_prefix('/').and_then(|path| path.split_once('/')).and_then(|(service, method)| {
-        METHODS.iter().find(|(known_service, known_method, _)| *known_service == service && *known_method == method)
-    });
-    match known {
-        Some((grpc_service, grpc_method, grpc_type)) => MethodLabels { grpc_type, grpc_service, grpc_method },
-        None => MethodLabels { grpc_type: "unknown", grpc_service: "unknown", grpc_method: "unknown" },
-    }
+/// The index in [`METHODS`] of the method `path` names, or `METHODS.len()` (unknown).
+fn method_index(path: &str) -> usize {
+    path.strip_prefix('/')
+        .and_then(|path| path.split_once('/'))
+        .and_then(|(service, method)| {
+            METHODS
+                .iter()
+                .position(|(known_service, known_method, _)| *known_service == service && *known_method == method)
+        })
+        .unwrap_or(METHODS.len())
 }
 
 /// The name go-grpc-prometheus gives a status code.
@@ -262,8 +311,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let labels = method_labels(request.uri().path());
-        self.metrics.started.get_or_create(&labels).inc();
+        let method = method_index(request.uri().path());
+        self.metrics.started(method);
         let started = Instant::now();
         let metrics = Arc::clone(&self.metrics);
         let response = self.inner.call(request);
@@ -278,12 +327,7 @@ where
                     .map_or(tonic::Code::Ok, tonic::Code::from_i32),
                 Err(_) => tonic::Code::Unknown,
             };
-            metrics.handling.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-            let MethodLabels { grpc_type, grpc_service, grpc_method } = labels;
-            metrics
-                .handled
-                .get_or_create(&HandledLabels { grpc_type, grpc_service, grpc_method, grpc_code: code_name(code) })
-                .inc();
+            metrics.handled(method, code, started.elapsed());
             response
         })
     }
@@ -361,13 +405,17 @@ pub struct CallMetrics {
     completions: Family<OutcomeLabels, Counter>,
     renewals: Counter,
     releases: Counter,
+    /// The series of `claims` (by [`ClaimMetric`]) and `completions` (completed, already), kept
+    /// once taken, so that counting a call needs no label hashing and no lock.
+    claim_series: [OnceLock<Counter>; 7],
+    completion_series: [OnceLock<Counter>; 2],
 }
 
 impl CallMetrics {
     /// Counts a Claim's outcome, in `namespace` too if that one has series of its own.
     pub fn claim(&self, namespace: &str, outcome: ClaimMetric) {
-        let outcome = outcome.label();
-        self.claims.get_or_create(&OutcomeLabels { outcome }).inc();
+        let (index, outcome) = (outcome as usize, outcome.label());
+        self.claim_series[index].get_or_init(|| self.claims.get_or_create(&OutcomeLabels { outcome }).clone()).inc();
         if self.named_namespaces.read().iter().any(|named| named == namespace) {
             self.namespace_claims
                 .get_or_create(&NamespaceOutcomeLabels { namespace: namespace.to_owned(), outcome })
@@ -383,7 +431,9 @@ impl CallMetrics {
     /// Counts a Complete that succeeded.
     pub fn completion(&self, already_completed: bool) {
         let outcome = if already_completed { "already_completed" } else { "completed" };
-        self.completions.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.completion_series[usize::from(already_completed)]
+            .get_or_init(|| self.completions.get_or_create(&OutcomeLabels { outcome }).clone())
+            .inc();
     }
 
     /// Counts a renewal.
@@ -646,8 +696,9 @@ mod tests {
 
     #[test]
     fn only_served_methods_get_labels_of_their_own() {
+        let metrics = GrpcMetrics::default();
         let check = |path: &str, expected: (&str, &str, &str)| {
-            let labels = method_labels(path);
+            let labels = &metrics.methods[method_index(path)].labels;
             assert_eq!((labels.grpc_service, labels.grpc_method, labels.grpc_type), expected, "{path}");
         };
         check("/idempotency.v1.Coordinator/Claim", ("idempotency.v1.Coordinator", "Claim", "unary"));
