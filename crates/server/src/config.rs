@@ -30,7 +30,7 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Also serve the health service (grpc.health.v1, nothing else) in plaintext on this address,
+    /// Also serve the health service (grpc.health.v1 and reflection of it, nothing else) in plaintext on this address,
     /// for probes that cannot speak TLS or send credentials (Kubernetes' native gRPC probes). It
     /// tells only whether the server is serving. Unset: health is on --listen only.
     #[arg(long, env = "IDEMPOTENCY_HEALTH_LISTEN")]

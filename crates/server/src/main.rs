@@ -80,8 +80,9 @@ async fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
 async fn backup(args: &BackupArgs) -> anyhow::Result<()> {
     let report = idempotency_coordinator::backup::backup(&args.data_dir, &args.output, SystemClock.now()).await?;
     println!(
-        "wrote {} records to {}; {} expired left out; a restore hands out fencing tokens above {}",
+        "wrote {} record{} to {}; {} expired left out; a restore hands out fencing tokens above {}",
         report.records,
+        if report.records == 1 { "" } else { "s" },
         args.output.display(),
         report.expired,
         report.fencing_floor
@@ -92,8 +93,9 @@ async fn backup(args: &BackupArgs) -> anyhow::Result<()> {
 async fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
     let counts = idempotency_coordinator::backup::restore(&args.data_dir, &args.input, SystemClock.now()).await?;
     println!(
-        "restored {} records into {}; {} expired since the backup left out; fencing tokens continue above {}",
+        "restored {} record{} into {}; {} expired since the backup left out; fencing tokens continue above {}",
         counts.inserted + counts.replaced,
+        if counts.inserted + counts.replaced == 1 { "" } else { "s" },
         args.data_dir.display(),
         counts.expired,
         counts.fencing_floor

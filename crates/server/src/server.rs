@@ -297,9 +297,18 @@ pub async fn serve<S: Store>(
         tracing::info!(listen = %address, "serving health alone in plaintext");
         let stop = stop_metrics.clone();
         let health_service = health_service.clone();
+        // Reflection of the health service alone, so that grpcurl works here too.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1().expect("the embedded descriptor set is valid");
+        let reflection_v1alpha = reflection().build_v1alpha().expect("the embedded descriptor set is valid");
         tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
                 .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     stop.cancelled_owned(),

@@ -64,7 +64,12 @@ impl SnapshotWriter {
     pub fn create(path: &Path, fencing_floor: u64) -> Result<SnapshotWriter, SnapshotError> {
         let temporary = path.with_extension("partial");
         let io_error = |source| SnapshotError::Io { path: path.to_owned(), source };
-        let file = File::create(&temporary).map_err(io_error)?;
+        // Only the owner may read it: it holds stored responses and lease tokens.
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary)
+        }
+        .map_err(io_error)?;
         let mut out = BufWriter::new(file);
         out.write_all(MAGIC).map_err(io_error)?;
         out.write_all(&VERSION.to_be_bytes()).map_err(io_error)?;
@@ -253,6 +258,8 @@ mod tests {
         );
         assert!(matches!(read.state, RecordState::Released { .. }));
         assert!(!path.with_extension("partial").exists());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]
