@@ -35,22 +35,16 @@ impl<S> CoordinatorService<S> {
         CoordinatorService { coordinator, guard, metrics }
     }
 
-    /// Counts a refused call of `method` by its reason (and a refused Claim by its outcome).
-    fn refused(&self, method: &'static str, namespace: &str, status: Status) -> Status {
-        if let Some(reason) = reason_of(&status) {
-            self.metrics.refusal(method, reason);
-            if let Some(outcome) = ClaimMetric::of_refusal(reason).filter(|_| method == "Claim") {
-                self.metrics.claim(namespace, outcome);
-            }
+    /// The status of a refused call of `method`, counted by its reason (and, for a Claim, by
+    /// its outcome in `namespace`).
+    fn refused(&self, method: &'static str, namespace: &str, error: CallError) -> Status {
+        let (reason, status) = reasoned_status(error);
+        self.metrics.refusal(method, reason);
+        if let Some(outcome) = ClaimMetric::of_refusal(reason).filter(|_| method == "Claim") {
+            self.metrics.claim(namespace, outcome);
         }
         status
     }
-}
-
-/// The `google.rpc.ErrorInfo` reason of a status this service made.
-fn reason_of(status: &Status) -> Option<Reason> {
-    use tonic_types::StatusExt;
-    status.get_details_error_info()?.reason.parse().ok()
 }
 
 /// How long a caller refused as OVERLOADED is told to wait before trying again.
@@ -95,8 +89,8 @@ impl Guard {
     }
 
     /// A place among the calls in flight, or OVERLOADED at once.
-    fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
-        Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| status_of(CallError::Overloaded))
+    fn admit(&self) -> Result<OwnedSemaphorePermit, CallError> {
+        Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| CallError::Overloaded)
     }
 
     /// Whether the credentials may make a call needing `role` in the raw `namespace`: unknown
@@ -159,9 +153,10 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
     async fn claim(&self, request: Request<pb::ClaimRequest>) -> Result<tonic::Response<pb::ClaimResponse>, Status> {
         // Read first: the deadline counts from the call's arrival.
         let deadline = grpc_timeout(&request);
-        let _in_flight = self.guard.admit().map_err(|status| self.refused("Claim", "", status))?;
+        let _in_flight = self.guard.admit().map_err(|error| self.refused("Claim", "", error))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
+        // Kept for counting a refused Claim in its namespace after the request is consumed.
         let namespace = request.namespace.clone();
         let span = tracing::info_span!("claim", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
@@ -221,7 +216,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         }
         .instrument(span)
         .await
-        .map_err(|error| self.refused("Claim", &namespace, status_of(error)))
+        .map_err(|error| self.refused("Claim", &namespace, error))
         .inspect_err(log_status)
     }
 
@@ -230,10 +225,9 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         request: Request<pb::CompleteRequest>,
     ) -> Result<tonic::Response<pb::CompleteResponse>, Status> {
         let deadline = grpc_timeout(&request);
-        let _in_flight = self.guard.admit().map_err(|status| self.refused("Complete", "", status))?;
+        let _in_flight = self.guard.admit().map_err(|error| self.refused("Complete", "", error))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let namespace = request.namespace.clone();
         let span = tracing::info_span!("complete", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
@@ -264,16 +258,15 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         }
         .instrument(span)
         .await
-        .map_err(|error| self.refused("Complete", &namespace, status_of(error)))
+        .map_err(|error| self.refused("Complete", "", error))
         .inspect_err(log_status)
     }
 
     async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<tonic::Response<pb::RenewResponse>, Status> {
         let deadline = grpc_timeout(&request);
-        let _in_flight = self.guard.admit().map_err(|status| self.refused("Renew", "", status))?;
+        let _in_flight = self.guard.admit().map_err(|error| self.refused("Renew", "", error))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let namespace = request.namespace.clone();
         let span = tracing::info_span!("renew", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
@@ -298,7 +291,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         }
         .instrument(span)
         .await
-        .map_err(|error| self.refused("Renew", &namespace, status_of(error)))
+        .map_err(|error| self.refused("Renew", "", error))
         .inspect_err(log_status)
     }
 
@@ -307,10 +300,9 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<tonic::Response<pb::ReleaseResponse>, Status> {
         let deadline = grpc_timeout(&request);
-        let _in_flight = self.guard.admit().map_err(|status| self.refused("Release", "", status))?;
+        let _in_flight = self.guard.admit().map_err(|error| self.refused("Release", "", error))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let namespace = request.namespace.clone();
         let span = tracing::info_span!("release", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
@@ -327,16 +319,15 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         }
         .instrument(span)
         .await
-        .map_err(|error| self.refused("Release", &namespace, status_of(error)))
+        .map_err(|error| self.refused("Release", "", error))
         .inspect_err(log_status)
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<tonic::Response<pb::LookupResponse>, Status> {
         let deadline = grpc_timeout(&request);
-        let _in_flight = self.guard.admit().map_err(|status| self.refused("Lookup", "", status))?;
+        let _in_flight = self.guard.admit().map_err(|error| self.refused("Lookup", "", error))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let namespace = request.namespace.clone();
         let span = tracing::info_span!("lookup", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Read)?;
@@ -371,7 +362,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         }
         .instrument(span)
         .await
-        .map_err(|error| self.refused("Lookup", &namespace, status_of(error)))
+        .map_err(|error| self.refused("Lookup", "", error))
         .inspect_err(log_status)
     }
 }
@@ -494,14 +485,20 @@ fn unix_seconds() -> u64 {
 /// The one mapping from errors to statuses: every error has its reason, and every reason its code
 /// ([`Reason::code`]).
 pub fn status_of(error: CallError) -> Status {
+    reasoned_status(error).1
+}
+
+/// [`status_of`], with the reason the status carries (for the metrics).
+fn reasoned_status(error: CallError) -> (Reason, Status) {
     let error = match error {
         CallError::Coordinator(error) => error,
         CallError::Overloaded => {
-            return Reason::Overloaded.status_with_retry(
+            let status = Reason::Overloaded.status_with_retry(
                 "the server is serving as many calls as it may; retry shortly",
                 HashMap::new(),
                 OVERLOADED_RETRY_AFTER,
             );
+            return (Reason::Overloaded, status);
         }
         CallError::Denied(denial) => {
             let (reason, message) = match denial {
@@ -513,7 +510,7 @@ pub fn status_of(error: CallError) -> Status {
                 }
                 Denial::RoleNotAllowed => (Reason::RoleNotAllowed, "the credentials' role does not allow this call"),
             };
-            return reason.status(message, HashMap::new());
+            return (reason, reason.status(message, HashMap::new()));
         }
     };
     let reason = match &error {
@@ -555,7 +552,7 @@ pub fn status_of(error: CallError) -> Status {
         Error::Store(StoreError::Unavailable { .. }) => "storage unavailable".to_owned(),
         _ => error.to_string(),
     };
-    reason.status(message, metadata)
+    (reason, reason.status(message, metadata))
 }
 
 fn invalid_reason(invalid: &InvalidInput) -> Reason {
