@@ -152,6 +152,8 @@ FAKED: list[tuple[str | None, grpc.StatusCode, type[Error], bool, bool]] = [
     ("NAMESPACE_FULL", grpc.StatusCode.RESOURCE_EXHAUSTED, Rejected, True, False),
     ("OVERLOADED", grpc.StatusCode.RESOURCE_EXHAUSTED, Rejected, True, False),
     ("INVALID_KEY", grpc.StatusCode.INVALID_ARGUMENT, Invalid, False, False),
+    ("INVALID_PAGE_TOKEN", grpc.StatusCode.INVALID_ARGUMENT, Invalid, False, False),
+    ("INVALID_SNAPSHOT", grpc.StatusCode.INVALID_ARGUMENT, Invalid, False, False),
     # Reasons of a release yet to come are read by their code.
     ("SOMETHING_NEW", grpc.StatusCode.INVALID_ARGUMENT, Invalid, False, False),
     ("SOMETHING_NEW", grpc.StatusCode.PERMISSION_DENIED, PermissionDenied, False, False),

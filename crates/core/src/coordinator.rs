@@ -117,6 +117,11 @@ impl<S: Store> Coordinator<S> {
         &self.store
     }
 
+    /// The time by the coordinator's clock.
+    pub fn now(&self) -> crate::domain::Timestamp {
+        self.clock.now()
+    }
+
     /// Claims a key; if it is held and `wait` is non-zero, waits up to `wait` (by the clock) for
     /// the holder to complete, release or lapse, but answers by `answer_by` (real time, from the
     /// call's deadline) in any case. Cancel-safe: dropping the future while it waits changes nothing.

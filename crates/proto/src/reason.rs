@@ -76,6 +76,10 @@ reasons! {
     ResponseTooLarge = "RESPONSE_TOO_LARGE", InvalidArgument;
     /// The request is not valid protobuf.
     InvalidMessage = "INVALID_MESSAGE", InvalidArgument;
+    /// `Admin.List`: the page token is not one List returned for the same namespace and prefix.
+    InvalidPageToken = "INVALID_PAGE_TOKEN", InvalidArgument;
+    /// `Admin.Import`: the stream is not a whole snapshot; nothing was imported.
+    InvalidSnapshot = "INVALID_SNAPSHOT", InvalidArgument;
     /// Lookup of a key that is absent or whose retention ended.
     KeyNotFound = "KEY_NOT_FOUND", NotFound;
     /// The key is bound to another request's fingerprint.

@@ -313,6 +313,21 @@ impl Rules {
         grant.decide(namespace, role).map(str::to_owned)
     }
 
+    /// Whether `credentials` may make a call needing `role` over every namespace (a call that
+    /// names none: a whole-store export, the store's figures): their grant allows `*` and denies
+    /// nothing.
+    pub fn authorize_all(&self, credentials: &Credentials<'_>, role: Role) -> Result<String, Denial> {
+        let grant = self.identify(credentials).ok_or(Denial::Unauthenticated)?;
+        let everything = grant.allow.iter().any(|pattern| *pattern == Pattern::Prefix(String::new()));
+        if !everything || !grant.deny.is_empty() {
+            return Err(Denial::NamespaceNotAllowed);
+        }
+        if grant.role < role {
+            return Err(Denial::RoleNotAllowed);
+        }
+        Ok(grant.name.clone())
+    }
+
     /// Whether `credentials` belong to anyone this file knows (for reflection, which names no
     /// namespace).
     pub fn authenticate(&self, credentials: &Credentials<'_>) -> Result<String, Denial> {

@@ -71,7 +71,7 @@ pub async fn backup(data_dir: &Path, output: &Path, now: Timestamp) -> Result<Ba
 }
 
 fn write_snapshot(store: &SledStore, output: &Path, now: Timestamp) -> Result<BackupReport, BackupError> {
-    let (records, fencing_floor) = store.export()?;
+    let (records, fencing_floor) = store.export_all()?;
     let mut progress = Progress::new("backup", Some(store.record_count()));
     let mut writer = SnapshotWriter::create(output, fencing_floor)?;
     let mut expired = 0;
@@ -101,8 +101,9 @@ pub async fn restore(data_dir: &Path, input: &Path, now: Timestamp) -> Result<Im
     reading.finish();
     let store = SledStore::open(&options(data_dir))?;
     let mut progress = Progress::new("restore", Some(snapshot.records.len() as u64));
-    let imported =
-        store.import(snapshot.records.into_iter().map(Ok), snapshot.fencing_floor, now, || progress.inc()).await;
+    let imported = store
+        .import_records(snapshot.records.into_iter().map(Ok), snapshot.fencing_floor, now, || progress.inc())
+        .await;
     progress.finish();
     store.close().await?;
     Ok(imported?)

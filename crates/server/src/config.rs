@@ -30,6 +30,12 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// With --metrics-listen, how often the records-by-state gauge is recounted in the
+    /// background (a read of every record, as the Admin API's Stats does; scrapes read the last
+    /// count and pay nothing). 0: never (the gauge is left out).
+    #[arg(long, env = "IDEMPOTENCY_RECORDS_CENSUS_INTERVAL", value_parser = duration, default_value = "60s")]
+    pub records_census_interval: Duration,
+
     /// Also serve the health service (grpc.health.v1 and reflection of it, nothing else) in plaintext on this address,
     /// for probes that cannot speak TLS or send credentials (Kubernetes' native gRPC probes). It
     /// tells only whether the server is serving. Unset: health is on --listen only.
@@ -215,6 +221,15 @@ fn duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// Parses a duration flag that must be above zero (a deadline).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    let parsed = duration(text)?;
+    if parsed.is_zero() {
+        return Err("must be above zero".to_owned());
+    }
+    Ok(parsed)
+}
+
 /// What to run instead of the server.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
@@ -227,6 +242,8 @@ pub enum Command {
     /// Write the records of a snapshot file into a new embedded store (the directory must be
     /// absent or empty); every later grant gets a fencing token above the backup's.
     Restore(RestoreArgs),
+    /// Call a running server's Admin service: statistics, listing, purging, export and import.
+    Admin(AdminArgs),
 }
 
 /// What `backup` reads and writes.
@@ -263,6 +280,166 @@ pub struct MigrateArgs {
     /// The PostgreSQL schema (as --postgres-schema of the servers that will use it).
     #[arg(long, default_value = "idempotency")]
     pub schema: String,
+}
+
+/// What `admin` does.
+#[derive(Debug, Clone, Args)]
+pub struct AdminArgs {
+    /// The Admin call to make.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// The calls of `admin`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AdminCommand {
+    /// Records per namespace and state, disk use, the oldest record, and the sweeper.
+    Stats(AdminStatsArgs),
+    /// A page of a namespace's live records in key order (without response bodies), or every
+    /// page with --all.
+    List(AdminListArgs),
+    /// Delete one key (--key), or every record of a namespace (--yes), durably.
+    Purge(AdminPurgeArgs),
+    /// Write a snapshot of the server's live records to a file (created whole or not at all).
+    Export(AdminExportArgs),
+    /// Copy the records of a snapshot file into the server (checked whole here first; importing
+    /// twice changes nothing).
+    Import(AdminImportArgs),
+}
+
+/// How `admin` reaches the server, and with which credentials.
+#[derive(Debug, Clone, Args)]
+pub struct AdminConnection {
+    /// The server: http://host:port, or https://host:port (with --tls-ca).
+    #[arg(long, env = "IDEMPOTENCY_TARGET")]
+    pub target: String,
+    /// The CA that signed the server's certificate (PEM file); needed for an https:// target.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM file) for a server that requires one (mTLS).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM file).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry, when it is not the target's host.
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+    /// A file holding the bearer token to send (surrounding whitespace is ignored). Unset: the
+    /// IDEMPOTENCY_TOKEN environment variable, if set. A token is never taken on the command line.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The deadline of connecting and of each unary call (export and import streams have none).
+    #[arg(long, value_parser = positive_duration, default_value = "30s")]
+    pub timeout: Duration,
+}
+
+/// What `admin stats` asks for.
+#[derive(Debug, Clone, Args)]
+pub struct AdminStatsArgs {
+    /// How to reach the server.
+    #[command(flatten)]
+    pub connection: AdminConnection,
+    /// Only this namespace. Unset: every namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `admin list` asks for.
+#[derive(Debug, Clone, Args)]
+pub struct AdminListArgs {
+    /// How to reach the server.
+    #[command(flatten)]
+    pub connection: AdminConnection,
+    /// The namespace to list.
+    #[arg(long)]
+    pub namespace: String,
+    /// Only keys that start with this.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Only records in this state. Unset: every live record.
+    #[arg(long, value_enum)]
+    pub state: Option<KeyStateFlag>,
+    /// Records per page (1 to 1000). Unset: the server's default (100).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub page_size: Option<u32>,
+    /// Continue from this page (the token the previous page printed).
+    #[arg(long)]
+    pub page_token: Option<String>,
+    /// Follow the pages to the end instead of stopping after one.
+    #[arg(long)]
+    pub all: bool,
+    /// Print one JSON object per record (JSON lines) instead of a table; the next page's token,
+    /// if any, goes to standard error.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `admin purge` deletes.
+#[derive(Debug, Clone, Args)]
+pub struct AdminPurgeArgs {
+    /// How to reach the server.
+    #[command(flatten)]
+    pub connection: AdminConnection,
+    /// The namespace.
+    #[arg(long)]
+    pub namespace: String,
+    /// Only this key. Unset: every record of the namespace (which needs --yes).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Confirms deleting every record of the namespace.
+    #[arg(long)]
+    pub yes: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `admin export` writes.
+#[derive(Debug, Clone, Args)]
+pub struct AdminExportArgs {
+    /// How to reach the server.
+    #[command(flatten)]
+    pub connection: AdminConnection,
+    /// The snapshot file to write (replaced whole if it exists; readable by its owner only).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Only this namespace's records. Unset: every namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `admin import` reads.
+#[derive(Debug, Clone, Args)]
+pub struct AdminImportArgs {
+    /// How to reach the server.
+    #[command(flatten)]
+    pub connection: AdminConnection,
+    /// The snapshot file (as `admin export` or `backup` wrote it).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `admin list --state`: a key's state, as Lookup reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyStateFlag {
+    /// A caller holds a valid lease.
+    InProgress,
+    /// The holder's lease lapsed without Complete or Release.
+    LeaseExpired,
+    /// The holder released the key.
+    Released,
+    /// The response is stored.
+    Completed,
 }
 
 /// Where records are kept, with the options the store opens with.
@@ -351,8 +528,12 @@ impl Config {
 
     /// Checks everything the flags' own parsers cannot: limits that must agree with each other,
     /// the store URL, and that a server reachable from other machines is protected. The server
-    /// runs only on a configuration that passes.
+    /// runs only on a configuration that passes. `admin` runs no server and opens no store, so
+    /// none of this applies to it (its flags' parsers check all it takes).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if matches!(self.command, Some(Command::Admin(_))) {
+            return Ok(());
+        }
         self.limits()?;
         self.store_choice()?;
         if self.idle_timeout <= self.max_wait + Duration::from_secs(1) {
@@ -482,6 +663,39 @@ mod tests {
         assert!(parse(&["--tls-cert", "c.pem"]).is_err(), "a certificate needs its key");
         assert!(parse(&["--tls-client-ca", "ca.pem"]).is_err(), "mTLS needs TLS");
         assert!(parse(&["--idle-timeout", "30s"]).unwrap().validate().is_err(), "shorter than the longest wait");
+    }
+
+    #[test]
+    fn admin_commands_parse_and_skip_the_servers_checks() {
+        // Server settings in the environment or on the command line that the server would refuse
+        // must not stop an operator's `admin` call.
+        let stats = parse(&["--listen", "0.0.0.0:50051", "admin", "stats", "--target", "http://127.0.0.1:1"]).unwrap();
+        assert!(stats.validate().is_ok());
+        let Some(Command::Admin(AdminArgs { command: AdminCommand::Stats(stats) })) = stats.command else {
+            panic!("admin stats")
+        };
+        assert_eq!((stats.connection.timeout, stats.namespace, stats.json), (Duration::from_secs(30), None, false));
+
+        let list = ["admin", "list", "--target", "http://h:1", "--namespace", "payments", "--state", "lease-expired"];
+        let Some(Command::Admin(AdminArgs { command: AdminCommand::List(list) })) = parse(&list).unwrap().command
+        else {
+            panic!("admin list")
+        };
+        assert_eq!((list.state, list.page_size, list.all), (Some(KeyStateFlag::LeaseExpired), None, false));
+        for state in ["in-progress", "lease-expired", "released", "completed"] {
+            assert!(parse(&["admin", "list", "--target", "http://h:1", "--namespace", "n", "--state", state]).is_ok());
+        }
+        for refused in [
+            &["admin", "list", "--target", "http://h:1", "--namespace", "n", "--state", "expired"][..],
+            &["admin", "list", "--target", "http://h:1", "--namespace", "n", "--page-size", "1001"],
+            &["admin", "list", "--target", "http://h:1"],
+            &["admin", "stats", "--target", "http://h:1", "--timeout", "0s"],
+            &["admin", "stats", "--target", "http://h:1", "--tls-cert", "c.pem"],
+            &["admin", "stats", "--target", "http://h:1", "--token", "secret"],
+            &["admin", "export", "--target", "http://h:1"],
+        ] {
+            assert_eq!(parse(refused).expect_err(&format!("{refused:?} is refused")).exit_code(), 2, "{refused:?}");
+        }
     }
 
     /// Values that the server cannot run with are refused when the flags are parsed (clap's

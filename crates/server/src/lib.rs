@@ -13,12 +13,16 @@
 //! - [`sweeper`]: deletes expired records in the background.
 //! - [`metrics`]: Prometheus metrics: the gRPC layer, call counters, a collector of what the
 //!   coordinator, store, sweeper and process count, and the `/metrics` endpoint.
-//! - [`service`]: the gRPC adapter and the one error-to-status mapping.
-//! - [`server`]: opens the store, wires everything, serves until told to stop, drains.
 //! - [`progress`]: progress of long work: a bar on a terminal, plain lines elsewhere.
+//! - [`snapshot`]: the snapshot file format (checked whole before use), of backups and of the
+//!   Admin API's export and import.
+//! - [`service`]: the gRPC adapter and the one error-to-status mapping.
+//! - [`admin`]: the `idempotency.v1.Admin` service (admin role): stats, listing, purging,
+//!   export and import.
+//! - [`server`]: opens the store, wires everything, serves until told to stop, drains.
 //! - [`migrate`]: copies an embedded store into PostgreSQL.
-//! - [`snapshot`]: the snapshot file format (checked whole before use).
 //! - [`backup`]: `backup` and `restore` of a stopped embedded store through a snapshot file.
+//! - [`admin_cli`]: `admin`, the operator's client of a running server's Admin service.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -32,15 +36,19 @@ pub mod tls;
 pub mod sweeper;
 
 pub mod metrics;
+pub mod progress;
+pub mod snapshot;
+
 pub mod service;
+
+pub mod admin;
 
 pub mod server;
 
-pub mod progress;
-
 pub mod migrate;
-pub mod snapshot;
 
 pub mod backup;
+
+pub mod admin_cli;
 
 pub use config::Config;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{CommandFactory, Parser};
-use idempotency_coordinator::config::{BackupArgs, Command, Config, LogFormat, MigrateArgs, RestoreArgs};
+use idempotency_coordinator::config::{AdminArgs, BackupArgs, Command, Config, LogFormat, MigrateArgs, RestoreArgs};
 use idempotency_coordinator::server::{self, Stop};
 use idempotency_core::clock::{Clock, SystemClock};
 use idempotency_store_postgres::{PostgresOptions, TimeSource};
@@ -31,6 +31,7 @@ async fn main() -> ExitCode {
         Some(Command::Migrate(args)) => migrate(args).await,
         Some(Command::Backup(args)) => backup(args).await,
         Some(Command::Restore(args)) => restore(args).await,
+        Some(Command::Admin(args)) => admin(args).await,
         None => serve(config).await,
     };
     match result {
@@ -100,6 +101,11 @@ async fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
         counts.expired,
         counts.fencing_floor
     );
+    Ok(())
+}
+
+async fn admin(args: &AdminArgs) -> anyhow::Result<()> {
+    idempotency_coordinator::admin_cli::run(args, &mut std::io::stdout()).await?;
     Ok(())
 }
 

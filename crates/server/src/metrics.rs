@@ -53,6 +53,46 @@ pub struct Metrics {
     registry: Registry,
     grpc: Arc<GrpcMetrics>,
     calls: Arc<CallMetrics>,
+    census: Arc<RecordsCensus>,
+}
+
+/// Records by state, as the last background count found them (see [`count_records`]).
+#[derive(Debug, Default)]
+pub struct RecordsCensus {
+    /// In progress, lease expired, released, completed, expired (not swept); and when counted.
+    last: RwLock<Option<([u64; 5], std::time::SystemTime)>>,
+}
+
+const CENSUS_STATES: [&str; 5] = ["in_progress", "lease_expired", "released", "completed", "expired"];
+
+/// Recounts the store's records by state every `interval` (the Admin API's census: a read of
+/// every record, off the scrape path), until `stop`.
+pub async fn count_records<S: idempotency_core::admin::Maintenance>(
+    coordinator: Arc<Coordinator<S>>,
+    census: Arc<RecordsCensus>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        match coordinator.store().census(None, coordinator.now()).await {
+            Ok(counted) => {
+                let mut totals = [0u64; 5];
+                for counts in counted.values() {
+                    let each =
+                        [counts.in_progress, counts.lease_expired, counts.released, counts.completed, counts.expired];
+                    for (total, count) in totals.iter_mut().zip(each) {
+                        *total += count;
+                    }
+                }
+                *census.last.write() = Some((totals, std::time::SystemTime::now()));
+            }
+            Err(error) => tracing::debug!(%error, "counting records by state failed; the gauge keeps its last count"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
 }
 
 impl Metrics {
@@ -95,8 +135,14 @@ impl Metrics {
         );
         registry.register("idempotency_renewals", "Leases renewed", calls.renewals.clone());
         registry.register("idempotency_releases", "Keys released by their holder", calls.releases.clone());
-        registry.register_collector(Box::new(StateCollector { coordinator, sweeper }));
-        Metrics { registry, grpc, calls }
+        let census = Arc::new(RecordsCensus::default());
+        registry.register_collector(Box::new(StateCollector { coordinator, sweeper, census: Arc::clone(&census) }));
+        Metrics { registry, grpc, calls, census }
+    }
+
+    /// Where [`count_records`] keeps its count for the gauge.
+    pub fn census(&self) -> Arc<RecordsCensus> {
+        Arc::clone(&self.census)
     }
 
     /// The layer that counts gRPC calls into these metrics.
@@ -231,6 +277,11 @@ const METHODS: &[(&str, &str, &str)] = &[
     ("idempotency.v1.Coordinator", "Release", "unary"),
     ("idempotency.v1.Coordinator", "Renew", "unary"),
     ("idempotency.v1.Coordinator", "Lookup", "unary"),
+    ("idempotency.v1.Admin", "Stats", "unary"),
+    ("idempotency.v1.Admin", "List", "unary"),
+    ("idempotency.v1.Admin", "Purge", "unary"),
+    ("idempotency.v1.Admin", "Export", "server_stream"),
+    ("idempotency.v1.Admin", "Import", "client_stream"),
     ("grpc.health.v1.Health", "Check", "unary"),
     ("grpc.health.v1.Health", "Watch", "server_stream"),
     ("grpc.reflection.v1.ServerReflection", "ServerReflectionInfo", "bidi_stream"),
@@ -458,6 +509,7 @@ impl CallMetrics {
 struct StateCollector<S> {
     coordinator: Arc<Coordinator<S>>,
     sweeper: Arc<SweeperStats>,
+    census: Arc<RecordsCensus>,
 }
 
 impl<S> fmt::Debug for StateCollector<S> {
@@ -477,6 +529,23 @@ impl<S: Store> prometheus_client::collector::Collector for StateCollector<S> {
             "Records stored, expired ones not yet swept included",
             store.record_count(),
         )?;
+        if let Some((counts, at)) = *self.census.last.read() {
+            let states: Vec<(&str, u64)> = CENSUS_STATES.into_iter().zip(counts).collect();
+            labelled_gauges(
+                &mut encoder,
+                "idempotency_records_by_state",
+                "Records by state, as last counted in the background (--records-census-interval); expired: awaiting the sweeper",
+                "state",
+                &states,
+            )?;
+            let counted = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+            gauge(
+                &mut encoder,
+                "idempotency_records_by_state_counted_at_seconds",
+                "When the records by state were last counted (Unix time)",
+                counted,
+            )?;
+        }
         let healthy = u64::from(*store.health().borrow());
         gauge(
             &mut encoder,

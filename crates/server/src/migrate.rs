@@ -56,7 +56,8 @@ pub async fn sled_to_postgres(
         wal_file_bytes: idempotency_store_sled::WAL_FILE_BYTES,
     })?;
     let expired = Cell::new(0u64);
-    let (records, fencing_floor) = source.export().map_err(|error| MigrateError::Import(ImportError::Source(error)))?;
+    let (records, fencing_floor) =
+        source.export_all().map_err(|error| MigrateError::Import(ImportError::Source(error)))?;
     let progress = std::cell::RefCell::new(Progress::new("migrate", Some(source.record_count())));
     let live = records.inspect(|_| progress.borrow_mut().inc()).filter(|entry| match entry {
         Ok((_, _, record)) if record.is_expired(now) => {

@@ -24,6 +24,7 @@ use idempotency_proto::{SERVICE_NAME, pb};
 use idempotency_store_postgres::{PostgresOpenError, PostgresStore};
 use idempotency_store_sled::{OpenError, SledStore};
 
+use crate::admin::AdminService;
 use crate::auth::{AuthFileError, Authorizer};
 use crate::config::{Config, ConfigError, StoreChoice};
 use crate::listener::{self, ListenOptions};
@@ -35,6 +36,8 @@ use crate::tls::{Tls, TlsError, TlsFiles};
 
 /// Room for the fields around a response in a Complete message, beyond the response limit.
 const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+/// Admin export and import chunks: 256 KiB of snapshot plus up to one record past it.
+const ADMIN_CHUNK_OVERHEAD_BYTES: usize = 512 * 1024;
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +146,8 @@ pub struct ServeOptions {
     pub security: Security,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often the records-by-state gauge is recounted (zero: never).
+    pub records_census_interval: Duration,
     /// Where to serve the health service alone in plaintext, if anywhere.
     pub health_listen: Option<std::net::SocketAddr>,
 }
@@ -162,6 +167,7 @@ impl ServeOptions {
             keepalive: (config.keepalive_interval, config.keepalive_timeout),
             security: Security::load(config)?,
             metrics_listen: config.metrics_listen,
+            records_census_interval: config.records_census_interval,
             health_listen: config.health_listen,
         })
     }
@@ -255,7 +261,7 @@ pub async fn run(
 }
 
 /// Serves `coordinator` on `listener` until `shutdown` completes, then drains and closes the store.
-pub async fn serve<S: Store>(
+pub async fn serve<S: Store + idempotency_core::admin::Maintenance>(
     listener: TcpListener,
     coordinator: Arc<Coordinator<S>>,
     options: ServeOptions,
@@ -285,9 +291,17 @@ pub async fn serve<S: Store>(
         stop_background.clone(),
         Arc::clone(&sweeper_stats),
     );
-    let metrics = Arc::new(Metrics::new(Arc::clone(&coordinator), sweeper_stats));
+    let metrics = Arc::new(Metrics::new(Arc::clone(&coordinator), Arc::clone(&sweeper_stats)));
     // The endpoint answers until the store is closed, so that a scrape sees the drain.
     let stop_metrics = CancellationToken::new();
+    let census = (metrics_listener.is_some() && !options.records_census_interval.is_zero()).then(|| {
+        tokio::spawn(metrics::count_records(
+            Arc::clone(&coordinator),
+            metrics.census(),
+            options.records_census_interval,
+            stop_background.clone(),
+        ))
+    });
     let metrics_endpoint = metrics_listener
         .map(|listener| tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), stop_metrics.clone())));
     // Health alone, in plaintext: it tells nothing but whether this server serves, and like the
@@ -362,6 +376,16 @@ pub async fn serve<S: Store>(
     .accept_compressed(CompressionEncoding::Gzip)
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
+    let store_kind = idempotency_core::admin::Maintenance::kind(coordinator.store());
+    let admin_service = pb::admin_server::AdminServer::new(AdminService::new(
+        Arc::clone(&coordinator),
+        guard.clone(),
+        sweeper_stats,
+        store_kind,
+    ))
+    .accept_compressed(CompressionEncoding::Gzip)
+    .max_decoding_message_size(max_message + ADMIN_CHUNK_OVERHEAD_BYTES)
+    .max_encoding_message_size(max_message + ADMIN_CHUNK_OVERHEAD_BYTES);
     let health_service = health_service.accept_compressed(CompressionEncoding::Gzip);
     let reflection_check = guard.reflection_check(options.security.reflection_requires_auth);
     let reflection_v1 = tonic::service::interceptor::InterceptedService::new(
@@ -426,6 +450,7 @@ pub async fn serve<S: Store>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(coordinator_service)
+        .add_service(admin_service)
         .serve_with_incoming_shutdown(incoming, drain_signal);
     tokio::pin!(server);
     let served = tokio::select! {
@@ -445,6 +470,9 @@ pub async fn serve<S: Store>(
     let _ = reloads.await;
     let _ = health_watch.await;
     let _ = sweeper.await;
+    if let Some(census) = census {
+        let _ = census.await;
+    }
     if let Some(wakeups) = wakeups {
         let _ = wakeups.await;
     }

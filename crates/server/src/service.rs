@@ -59,13 +59,13 @@ pub struct Guard {
 }
 
 /// The credentials a call came with, taken off the request before its message is consumed.
-struct CallCredentials {
+pub(crate) struct CallCredentials {
     authorization: Option<Vec<u8>>,
     certificate: Option<Vec<u8>>,
 }
 
 impl CallCredentials {
-    fn of<T>(request: &Request<T>) -> CallCredentials {
+    pub(crate) fn of<T>(request: &Request<T>) -> CallCredentials {
         CallCredentials {
             authorization: request.metadata().get("authorization").map(|value| value.as_bytes().to_vec()),
             certificate: request
@@ -89,14 +89,14 @@ impl Guard {
     }
 
     /// A place among the calls in flight, or OVERLOADED at once.
-    fn admit(&self) -> Result<OwnedSemaphorePermit, CallError> {
+    pub(crate) fn admit(&self) -> Result<OwnedSemaphorePermit, CallError> {
         Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| CallError::Overloaded)
     }
 
     /// Whether the credentials may make a call needing `role` in the raw `namespace`: unknown
     /// credentials are refused before the request is looked at, then the namespace is validated
     /// and judged. The caller's name, when there are rules.
-    fn authorize(
+    pub(crate) fn authorize(
         &self,
         credentials: &CallCredentials,
         namespace: &str,
@@ -108,6 +108,19 @@ impl Guard {
         rules.authenticate(&credentials).map_err(CallError::Denied)?;
         let namespace = Namespace::parse(namespace)?;
         rules.authorize(&credentials, &namespace, role).map(Some).map_err(CallError::Denied)
+    }
+
+    /// Whether the credentials may make a call needing `role` over every namespace (see
+    /// [`Rules::authorize_all`](crate::auth::Rules::authorize_all)).
+    pub(crate) fn authorize_all(&self, credentials: &CallCredentials, role: Role) -> Result<Option<String>, CallError> {
+        let Some(auth) = &self.auth else { return Ok(None) };
+        auth.rules().authorize_all(&credentials.as_credentials(), role).map(Some).map_err(CallError::Denied)
+    }
+
+    /// Whether the credentials belong to anyone the auth file knows (any, without one).
+    pub(crate) fn authenticate(&self, credentials: &CallCredentials) -> Result<(), CallError> {
+        let Some(auth) = &self.auth else { return Ok(()) };
+        auth.rules().authenticate(&credentials.as_credentials()).map(drop).map_err(CallError::Denied)
     }
 
     /// The check reflection calls pass: any known credentials when `required`, none otherwise.
@@ -134,6 +147,12 @@ pub enum CallError {
     Denied(Denial),
     /// `--max-in-flight` calls are being served.
     Overloaded,
+    /// `Admin.List`: a page token that List did not return for this listing.
+    InvalidPageToken,
+    /// `Admin.List`: a state that is not one of the contract's.
+    InvalidState,
+    /// `Admin.Import`: the stream is not a whole snapshot.
+    InvalidSnapshot(String),
 }
 
 impl From<Error> for CallError {
@@ -336,12 +355,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
             }
             let (namespace, key) = address(&request.namespace, &request.key)?;
             let view = self.coordinator.lookup(&namespace, &key, answer_by(deadline)).await?;
-            let state = match view.state {
-                KeyState::InProgress => pb::KeyState::InProgress,
-                KeyState::LeaseExpired => pb::KeyState::LeaseExpired,
-                KeyState::Released => pb::KeyState::Released,
-                KeyState::Completed => pb::KeyState::Completed,
-            };
+            let state = key_state(view.state);
             tracing::Span::current().record("outcome", state.as_str_name());
             tracing::debug!("answered");
             let (response, completed_at) = match view.completed {
@@ -398,7 +412,17 @@ fn pb_duration(value: Duration) -> prost_types::Duration {
     }
 }
 
-fn timestamp(value: Timestamp) -> prost_types::Timestamp {
+/// A key's state as the protocol names it.
+pub(crate) fn key_state(state: KeyState) -> pb::KeyState {
+    match state {
+        KeyState::InProgress => pb::KeyState::InProgress,
+        KeyState::LeaseExpired => pb::KeyState::LeaseExpired,
+        KeyState::Released => pb::KeyState::Released,
+        KeyState::Completed => pb::KeyState::Completed,
+    }
+}
+
+pub(crate) fn timestamp(value: Timestamp) -> prost_types::Timestamp {
     let millis = value.unix_millis();
     prost_types::Timestamp {
         seconds: millis.div_euclid(1000),
@@ -499,6 +523,20 @@ fn reasoned_status(error: CallError) -> (Reason, Status) {
                 OVERLOADED_RETRY_AFTER,
             );
             return (Reason::Overloaded, status);
+        }
+        CallError::InvalidPageToken => {
+            let reason = Reason::InvalidPageToken;
+            let metadata = HashMap::from([("field".to_owned(), "page_token".to_owned())]);
+            return (reason, reason.status("the page token is not one List returned for this listing", metadata));
+        }
+        CallError::InvalidState => {
+            let reason = Reason::InvalidMessage;
+            let metadata = HashMap::from([("field".to_owned(), "state".to_owned())]);
+            return (reason, reason.status("state is not a KeyState of the contract", metadata));
+        }
+        CallError::InvalidSnapshot(why) => {
+            let reason = Reason::InvalidSnapshot;
+            return (reason, reason.status(format!("nothing was imported: {why}"), HashMap::new()));
         }
         CallError::Denied(denial) => {
             let (reason, message) = match denial {

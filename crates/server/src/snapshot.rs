@@ -2,12 +2,14 @@
 //! and `restore` reads them (and, later, the Admin API's export and import).
 //!
 //! Layout (integers big-endian):
-//! - a header: the magic `IDEMSNAP`, the format version (`u32`, 1) and the fencing floor (`u64`:
-//!   every grant after a restore is above it);
+//! - a header: the magic `IDEMSNAP`, the format version (`u32`, 2) and a fencing floor (`u64`);
 //! - one entry per record: the tag `1`, the payload's length (`u32`), the payload (namespace
 //!   length `u16`, namespace, key length `u16`, key, the record as the stores encode it), and the
 //!   CRC-32 of the payload (`u32`);
-//! - a trailer: the tag `0` and the number of entries (`u64`).
+//! - a trailer: the tag `0`, the number of entries (`u64`) and, from version 2, a fencing floor
+//!   (`u64`) read after the last record, which is how a live export (the Admin API) covers tokens
+//!   granted while it ran. Every grant after a restore or an import is above both floors and
+//!   every token in the file. Version 1 (no floor in the trailer) is still read.
 //!
 //! Invariant: a file is trusted only whole. A file without its trailer (a copy cut short), with a
 //! bad checksum, an unknown version or a count that does not match is refused before a single
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 use idempotency_core::domain::{Key, Namespace, Record};
 
 const MAGIC: &[u8; 8] = b"IDEMSNAP";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const ENTRY: u8 = 1;
 const TRAILER: u8 = 0;
 /// The largest payload accepted: a record with the largest response (64 MiB) and its key.
@@ -57,6 +59,7 @@ pub struct SnapshotWriter {
     temporary: PathBuf,
     out: BufWriter<File>,
     count: u64,
+    fencing_floor: u64,
 }
 
 impl SnapshotWriter {
@@ -64,36 +67,20 @@ impl SnapshotWriter {
     pub fn create(path: &Path, fencing_floor: u64) -> Result<SnapshotWriter, SnapshotError> {
         let temporary = path.with_extension("partial");
         let io_error = |source| SnapshotError::Io { path: path.to_owned(), source };
-        // Only the owner may read it: it holds stored responses and lease tokens.
-        let file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary)
-        }
-        .map_err(io_error)?;
+        let file = create_private(&temporary).map_err(io_error)?;
         let mut out = BufWriter::new(file);
-        out.write_all(MAGIC).map_err(io_error)?;
-        out.write_all(&VERSION.to_be_bytes()).map_err(io_error)?;
-        out.write_all(&fencing_floor.to_be_bytes()).map_err(io_error)?;
-        Ok(SnapshotWriter { path: path.to_owned(), temporary, out, count: 0 })
+        let mut header = Vec::new();
+        encode_header(&mut header, fencing_floor);
+        out.write_all(&header).map_err(io_error)?;
+        Ok(SnapshotWriter { path: path.to_owned(), temporary, out, count: 0, fencing_floor })
     }
 
     /// Appends one record.
     pub fn write(&mut self, namespace: &Namespace, key: &Key, record: &Record) -> Result<(), SnapshotError> {
-        let mut payload = Vec::with_capacity(64);
-        for part in [namespace.as_str(), key.as_str()] {
-            let length = u16::try_from(part.len()).expect("namespaces and keys are at most 255 bytes");
-            payload.extend_from_slice(&length.to_be_bytes());
-            payload.extend_from_slice(part.as_bytes());
-        }
-        record.encode_into(&mut payload);
-        let length = u32::try_from(payload.len()).ok().filter(|length| *length <= MAX_PAYLOAD).ok_or_else(|| {
-            SnapshotError::Invalid { path: self.path.clone(), reason: "a record is larger than 65 MiB".to_owned() }
-        })?;
-        let io_error = |source| SnapshotError::Io { path: self.path.clone(), source };
-        self.out.write_all(&[ENTRY]).map_err(io_error)?;
-        self.out.write_all(&length.to_be_bytes()).map_err(io_error)?;
-        self.out.write_all(&payload).map_err(io_error)?;
-        self.out.write_all(&crc32fast::hash(&payload).to_be_bytes()).map_err(io_error)?;
+        let mut entry = Vec::with_capacity(128);
+        encode_entry(&mut entry, namespace, key, record)
+            .map_err(|reason| SnapshotError::Invalid { path: self.path.clone(), reason })?;
+        self.out.write_all(&entry).map_err(|source| SnapshotError::Io { path: self.path.clone(), source })?;
         self.count += 1;
         Ok(())
     }
@@ -101,15 +88,131 @@ impl SnapshotWriter {
     /// Writes the trailer, syncs the file and moves it into place; returns the record count.
     pub fn finish(mut self) -> Result<u64, SnapshotError> {
         let io_error = |source| SnapshotError::Io { path: self.path.clone(), source };
-        self.out.write_all(&[TRAILER]).map_err(io_error)?;
-        self.out.write_all(&self.count.to_be_bytes()).map_err(io_error)?;
+        let mut trailer = Vec::new();
+        encode_trailer(&mut trailer, self.count, self.fencing_floor);
+        self.out.write_all(&trailer).map_err(io_error)?;
         let file = self.out.into_inner().map_err(|error| io_error(error.into_error()))?;
-        file.sync_all().map_err(io_error)?;
-        std::fs::rename(&self.temporary, &self.path).map_err(io_error)?;
-        if let Some(directory) = self.path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-            File::open(directory).and_then(|directory| directory.sync_all()).map_err(io_error)?;
-        }
+        install(file, &self.temporary, &self.path).map_err(io_error)?;
         Ok(self.count)
+    }
+}
+
+/// Creates a file only its owner may read (snapshots hold stored responses and lease tokens). A
+/// leftover of an interrupted run may have other permissions: it is removed first.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+}
+
+/// Syncs `file` (written at `temporary`) and renames it to `path`, then syncs the directory:
+/// `path` is then either as it was or whole.
+pub fn install(file: File, temporary: &Path, path: &Path) -> io::Result<()> {
+    file.sync_all()?;
+    std::fs::rename(temporary, path)?;
+    let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(directory).and_then(|directory| directory.sync_all())
+}
+
+/// Appends a snapshot's header.
+pub fn encode_header(out: &mut Vec<u8>, fencing_floor: u64) {
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_be_bytes());
+    out.extend_from_slice(&fencing_floor.to_be_bytes());
+}
+
+/// Appends one record's entry; refuses a record too large for the format.
+pub fn encode_entry(out: &mut Vec<u8>, namespace: &Namespace, key: &Key, record: &Record) -> Result<(), String> {
+    let mut payload = Vec::with_capacity(64);
+    for part in [namespace.as_str(), key.as_str()] {
+        let length = u16::try_from(part.len()).expect("namespaces and keys are at most 255 bytes");
+        payload.extend_from_slice(&length.to_be_bytes());
+        payload.extend_from_slice(part.as_bytes());
+    }
+    record.encode_into(&mut payload);
+    let length = u32::try_from(payload.len())
+        .ok()
+        .filter(|length| *length <= MAX_PAYLOAD)
+        .ok_or_else(|| "a record is larger than 65 MiB".to_owned())?;
+    out.push(ENTRY);
+    out.extend_from_slice(&length.to_be_bytes());
+    out.extend_from_slice(&payload);
+    out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+    Ok(())
+}
+
+/// Appends the trailer: the entry count and the fencing floor read after the last record.
+pub fn encode_trailer(out: &mut Vec<u8>, count: u64, fencing_floor: u64) {
+    out.push(TRAILER);
+    out.extend_from_slice(&count.to_be_bytes());
+    out.extend_from_slice(&fencing_floor.to_be_bytes());
+}
+
+/// Counts the records of a snapshot (the layout above) as its bytes pass, in
+/// chunks cut anywhere, for progress. Only progress trusts it: the file is checked whole apart.
+pub struct EntryCounter {
+    /// Bytes to let pass before the next entry's tag: the header first, then each entry's payload
+    /// and checksum.
+    skip: u64,
+    /// Whether the bytes being skipped are an entry's (counted once they have passed).
+    in_entry: bool,
+    /// The tag and length of the next entry, while incomplete.
+    head: Vec<u8>,
+    /// The trailer (or bytes that are no entry) came: nothing more is counted.
+    pub ended: bool,
+    /// Entries that passed whole.
+    pub records: u64,
+}
+
+impl Default for EntryCounter {
+    fn default() -> Self {
+        EntryCounter::new()
+    }
+}
+
+impl EntryCounter {
+    /// The header: magic (8 bytes), version (4), fencing floor (8).
+    const HEADER_BYTES: u64 = 8 + 4 + 8;
+
+    /// A counter at the start of a snapshot.
+    pub fn new() -> EntryCounter {
+        EntryCounter {
+            skip: Self::HEADER_BYTES,
+            in_entry: false,
+            head: Vec::with_capacity(5),
+            ended: false,
+            records: 0,
+        }
+    }
+
+    /// Takes the next bytes; returns how many more records passed whole.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let before = self.records;
+        while !bytes.is_empty() && !self.ended {
+            if self.skip > 0 {
+                let passing = usize::try_from(self.skip).map_or(bytes.len(), |skip| skip.min(bytes.len()));
+                bytes = &bytes[passing..];
+                self.skip -= passing as u64;
+                if self.skip == 0 && self.in_entry {
+                    self.records += 1;
+                    self.in_entry = false;
+                }
+                continue;
+            }
+            self.head.push(bytes[0]);
+            bytes = &bytes[1..];
+            if self.head[0] != ENTRY {
+                self.ended = true;
+            } else if let Ok(length) = <[u8; 4]>::try_from(&self.head[1..]) {
+                self.skip = u64::from(u32::from_be_bytes(length)) + 4;
+                self.in_entry = true;
+                self.head.clear();
+            }
+        }
+        self.records - before
     }
 }
 
@@ -126,7 +229,17 @@ pub struct SnapshotReader;
 
 impl SnapshotReader {
     /// Reads and checks the whole file (checksums, trailer, count) before returning any of it.
-    pub fn read_all(path: &Path, mut progress: impl FnMut(u64)) -> Result<Snapshot, SnapshotError> {
+    pub fn read_all(path: &Path, progress: impl FnMut(u64)) -> Result<Snapshot, SnapshotError> {
+        let file = File::open(path).map_err(|source| SnapshotError::Io { path: path.to_owned(), source })?;
+        SnapshotReader::read_from(BufReader::new(file), path, progress)
+    }
+
+    /// As [`SnapshotReader::read_all`], from `input`; `path` names it in errors.
+    pub fn read_from(
+        mut input: impl Read,
+        path: &Path,
+        mut progress: impl FnMut(u64),
+    ) -> Result<Snapshot, SnapshotError> {
         let invalid = |reason: &str| SnapshotError::Invalid { path: path.to_owned(), reason: reason.to_owned() };
         let io_error = |source: io::Error| {
             if source.kind() == io::ErrorKind::UnexpectedEof {
@@ -135,16 +248,14 @@ impl SnapshotReader {
                 SnapshotError::Io { path: path.to_owned(), source }
             }
         };
-        let file = File::open(path).map_err(|source| SnapshotError::Io { path: path.to_owned(), source })?;
-        let mut input = BufReader::new(file);
         let mut magic = [0u8; 8];
         input.read_exact(&mut magic).map_err(io_error)?;
         if &magic != MAGIC {
             return Err(invalid("it does not start like a snapshot"));
         }
         let version = read_u32(&mut input).map_err(io_error)?;
-        if version != VERSION {
-            return Err(invalid(&format!("format version {version}; this build reads version {VERSION}")));
+        if !(1..=VERSION).contains(&version) {
+            return Err(invalid(&format!("format version {version}; this build reads versions 1 to {VERSION}")));
         }
         let fencing_floor = read_u64(&mut input).map_err(io_error)?;
         let mut records = Vec::new();
@@ -176,11 +287,12 @@ impl SnapshotReader {
                             records.len()
                         )));
                     }
+                    let floor_after = if version >= 2 { read_u64(&mut input).map_err(io_error)? } else { 0 };
                     let mut rest = [0u8; 1];
                     if input.read(&mut rest).map_err(io_error)? != 0 {
                         return Err(invalid("bytes follow the trailer"));
                     }
-                    return Ok(Snapshot { fencing_floor, records });
+                    return Ok(Snapshot { fencing_floor: fencing_floor.max(floor_after), records });
                 }
                 other => return Err(invalid(&format!("unknown entry tag {other}"))),
             }

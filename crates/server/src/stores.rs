@@ -1,5 +1,6 @@
 //! [`AnyStore`]: the store a server runs on, as its configuration chose.
 
+use idempotency_core::admin::{AddressedRecord, Census, ImportCounts, ListQuery, Maintenance, RecordSummary};
 use idempotency_core::domain::{
     Claim, ClaimOutcome, Complete, CompleteOutcome, Key, KeyView, Namespace, Release, Renew, RenewOutcome, Timestamp,
 };
@@ -143,6 +144,60 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.close().await,
             AnyStore::Postgres(store) => store.close().await,
+        }
+    }
+}
+
+impl Maintenance for AnyStore {
+    fn kind(&self) -> &'static str {
+        match self {
+            AnyStore::Sled(store) => store.kind(),
+            AnyStore::Postgres(store) => store.kind(),
+        }
+    }
+
+    async fn census(&self, namespace: Option<&Namespace>, now: Timestamp) -> Result<Census, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.census(namespace, now).await,
+            AnyStore::Postgres(store) => store.census(namespace, now).await,
+        }
+    }
+
+    async fn list(&self, query: &ListQuery, now: Timestamp) -> Result<Vec<RecordSummary>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.list(query, now).await,
+            AnyStore::Postgres(store) => store.list(query, now).await,
+        }
+    }
+
+    async fn purge(&self, namespace: &Namespace, key: Option<&Key>) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.purge(namespace, key).await,
+            AnyStore::Postgres(store) => store.purge(namespace, key).await,
+        }
+    }
+
+    async fn export(
+        &self,
+        namespace: Option<&Namespace>,
+        now: Timestamp,
+        sink: mpsc::Sender<AddressedRecord>,
+    ) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.export(namespace, now, sink).await,
+            AnyStore::Postgres(store) => store.export(namespace, now, sink).await,
+        }
+    }
+
+    async fn import(
+        &self,
+        records: Vec<AddressedRecord>,
+        fencing_floor: u64,
+        now: Timestamp,
+    ) -> Result<ImportCounts, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.import(records, fencing_floor, now).await,
+            AnyStore::Postgres(store) => store.import(records, fencing_floor, now).await,
         }
     }
 }

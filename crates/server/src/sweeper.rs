@@ -40,6 +40,8 @@ pub struct SweeperStats {
     pub deleted: AtomicU64,
     /// When a pass last found nothing expired left (unix milliseconds; 0: not yet).
     caught_up_at_ms: AtomicU64,
+    /// When the last pass ended (unix milliseconds; 0: not yet).
+    pub last_pass_ms: AtomicU64,
 }
 
 impl SweeperStats {
@@ -76,6 +78,8 @@ pub fn spawn<S: Store>(
             let started_at = SystemTime::now();
             let pass = pass(|| coordinator.sweep(batch), || coordinator.calls_admitted(), &stop).await;
             stats.deleted.fetch_add(pass.deleted as u64, Ordering::Relaxed);
+            let ended = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+            stats.last_pass_ms.store(u64::try_from(ended).unwrap_or(u64::MAX), Ordering::Relaxed);
             if pass.error.is_some() {
                 stats.failed_passes.fetch_add(1, Ordering::Relaxed);
             } else {

@@ -2,7 +2,8 @@
 //! completion and replay, leases and takeover, waiting, retries, expiry, limits and input
 //! validation. This is the conformance suite: every test runs once per store (`sled::…` and
 //! `postgres::…`), so the embedded store and the SQL reimplementation of the state machine
-//! cannot drift apart. The PostgreSQL half needs IDEMPOTENCY_TEST_POSTGRES (CI sets it).
+//! cannot drift apart. The PostgreSQL half needs IDEMPOTENCY_TEST_POSTGRES (CI sets it). The
+//! Admin service's calls are in `contract/admin.rs`.
 
 use std::time::Duration;
 
@@ -13,6 +14,10 @@ use idempotency_proto::pb;
 use idempotency_proto::pb::claim_response::Outcome;
 use idempotency_testkit::*;
 use tonic::Code;
+
+#[path = "contract/admin.rs"]
+mod admin;
+use admin::*;
 
 async fn concurrent_claims_of_one_key_yield_exactly_one_acquired(backend: Backend) {
     let server = TestServer::start_on(backend).await;
@@ -699,4 +704,9 @@ conformance!(
     fencing_tokens_strictly_increase_across_takeovers_releases_and_sweeps,
     invalid_input_is_refused_with_its_reason_and_changes_nothing,
     a_message_beyond_the_transport_limit_is_refused_and_changes_nothing,
+    admin_stats_count_records_by_namespace_and_state,
+    admin_list_pages_through_live_records_in_key_order,
+    admin_purge_deletes_durably_and_fencing_tokens_never_go_back,
+    admin_export_and_import_into_the_other_store_reproduce_every_live_record,
+    admin_import_refuses_a_damaged_snapshot_and_changes_nothing,
 );

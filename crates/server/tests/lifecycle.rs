@@ -120,6 +120,7 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains(&"idempotency.v1.Coordinator".to_owned()), "{names:?}");
+    assert!(names.contains(&"idempotency.v1.Admin".to_owned()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
 
     let mut v1alpha = tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
@@ -461,6 +462,7 @@ async fn serve_on(
         keepalive: (Duration::from_secs(30), Duration::from_secs(20)),
         security: Default::default(),
         metrics_listen: None,
+        records_census_interval: Duration::ZERO,
         health_listen: None,
     };
     let task = tokio::spawn(async move {
@@ -832,7 +834,11 @@ async fn metrics_on_postgres_count_every_call_and_show_the_pool_and_statements()
 async fn metrics_count_every_call(backend: Backend) {
     let metrics = free_local_address();
     let sled = matches!(backend, Backend::Sled);
-    let server = TestServer::start_on_with(backend, |config| config.metrics_listen = Some(metrics)).await;
+    let server = TestServer::start_on_with(backend, |config| {
+        config.metrics_listen = Some(metrics);
+        config.records_census_interval = Duration::from_millis(100);
+    })
+    .await;
     let mut client = server.client().await;
     let a = claim_acquired(&mut client, "a").await;
     let b = claim_acquired(&mut client, "b").await;
@@ -915,6 +921,21 @@ async fn metrics_count_every_call(backend: Backend) {
         assert_eq!(sample(&samples, "idempotency_records", &[]), 3.0);
     }
     assert_eq!(sample(&samples, "idempotency_store_healthy", &[]), 1.0);
+    // Records by state, recounted in the background: a and c completed, b released.
+    let by_state =
+        |samples: &[Sample], state: &str| sample(samples, "idempotency_records_by_state", &[("state", state)]);
+    let mut counted = samples.clone();
+    for _ in 0..100 {
+        if by_state(&counted, "completed") == 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        counted = scrape(metrics).await;
+    }
+    let states =
+        ["in_progress", "lease_expired", "released", "completed", "expired"].map(|state| by_state(&counted, state));
+    assert_eq!(states, [0.0, 0.0, 1.0, 2.0, 0.0]);
+    assert!(sample(&counted, "idempotency_records_by_state_counted_at_seconds", &[]) > 1.7e9);
     if sled {
         // Grants, completes, the renewal and the release were each made durable by a flush.
         let flushes = sample(&samples, "idempotency_store_flush_duration_seconds_count", &[]);
@@ -1138,4 +1159,117 @@ fn the_deployment_recipes_use_only_flags_the_server_accepts_and_would_start_with
         assert!(text.contains("grpc: {port: 8081, service: idempotency.v1.Coordinator}"), "{manifest}: readiness");
         assert!(text.contains("kind: PodDisruptionBudget"), "{manifest}");
     }
+}
+
+/// Runs `idempotency-coordinator admin …` with `env`; its success, stdout and stderr.
+fn admin_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let output = Command::new(binary()).arg("admin").args(args).envs(env.iter().copied()).output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn json_of(text: &str) -> serde_json::Value {
+    serde_json::from_str(text.trim()).unwrap_or_else(|error| panic!("{error}: {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_command_line_drives_every_admin_call_with_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "operator-token";
+    let auth = dir.path().join("auth.toml");
+    let digest: String =
+        <sha2::Sha256 as sha2::Digest>::digest(token).iter().map(|byte| format!("{byte:02x}")).collect();
+    std::fs::write(
+        &auth,
+        format!("[[token]]\nname = \"operator\"\nsha256 = \"{digest}\"\nnamespaces = [\"*\"]\nrole = \"admin\"\n"),
+    )
+    .unwrap();
+    let auth_flag = ["--auth-file", auth.to_str().unwrap()];
+    // Seeded without the auth file, then served with it.
+    let source = ChildServer::start(&dir.path().join("source"));
+    let mut client = source.client().await;
+    let mut held = None;
+    for n in 0..30 {
+        let key = format!("k-{n:02}");
+        let grant = claim_acquired(&mut client, &key).await;
+        if n == 29 {
+            held = Some(grant);
+        } else {
+            client.complete(complete_request(&key, &grant.lease_token, key.as_bytes())).await.unwrap();
+        }
+    }
+    drop(source);
+    let source = ChildServer::start_with(&dir.path().join("source"), &auth_flag);
+    let target = format!("http://{}", source.addr);
+    let with_token = [("IDEMPOTENCY_TOKEN", token)];
+    // Without credentials: refused, with the reason.
+    let (ok, _, stderr) = admin_cli(&["stats", "--target", &target], &[]);
+    assert!(!ok && stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    let (ok, stdout, stderr) = admin_cli(&["stats", "--target", &target, "--json"], &with_token);
+    assert!(ok, "{stderr}");
+    let stats = json_of(&stdout);
+    assert_eq!((stats["records"].as_u64(), stats["store"].as_str()), (Some(30), Some("sled")));
+    assert_eq!(stats["namespaces"][0]["completed"].as_u64(), Some(29));
+    // List, in pages of 7, followed to the end: one JSON line per record, in key order.
+    let list = ["list", "--target", &target, "--namespace", "payments", "--page-size", "7", "--all", "--json"];
+    let (ok, stdout, stderr) = admin_cli(&list, &with_token);
+    assert!(ok, "{stderr}");
+    let keys: Vec<String> = stdout.lines().map(|line| json_of(line)["key"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(keys, (0..30).map(|n| format!("k-{n:02}")).collect::<Vec<_>>());
+    // Export to a file only its owner may read, which `restore` takes as a backup.
+    let snapshot = dir.path().join("export.snapshot");
+    let export = ["export", "--target", &target, "--output", snapshot.to_str().unwrap(), "--json"];
+    let (ok, stdout, stderr) = admin_cli(&export, &with_token);
+    assert!(ok, "{stderr}");
+    assert_eq!(json_of(&stdout)["records"].as_u64(), Some(30));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&snapshot).unwrap().permissions().mode() & 0o777, 0o600);
+    let restored_dir = dir.path().join("restored");
+    let (ok, printed) = run_binary(&[
+        "restore".as_ref(),
+        "--data-dir".as_ref(),
+        restored_dir.as_os_str(),
+        "--input".as_ref(),
+        snapshot.as_os_str(),
+    ]);
+    assert!(ok, "{printed}");
+    let restored = ChildServer::start(&restored_dir);
+    let mut restored_client = restored.client().await;
+    let replay = completed(restored_client.claim(claim_request("k-03", b"fp")).await.unwrap().into_inner());
+    assert_eq!(replay.response.unwrap().body, b"k-03".as_slice());
+    // Import into another running server, twice: the second changes nothing.
+    let empty = ChildServer::start(&dir.path().join("empty"));
+    let empty_target = format!("http://{}", empty.addr);
+    let import = ["import", "--target", &empty_target, "--input", snapshot.to_str().unwrap(), "--json"];
+    let (ok, stdout, stderr) = admin_cli(&import, &with_token);
+    assert!(ok, "{stderr}");
+    assert_eq!(json_of(&stdout)["inserted"].as_u64(), Some(30));
+    let (ok, stdout, stderr) = admin_cli(&import, &with_token);
+    assert!(ok, "{stderr}");
+    assert_eq!((json_of(&stdout)["inserted"].as_u64(), json_of(&stdout)["kept"].as_u64()), (Some(0), Some(30)));
+    let mut imported = empty.client().await;
+    let held = held.unwrap();
+    imported.complete(complete_request("k-29", &held.lease_token, b"done")).await.expect("the held lease works there");
+    // A damaged file is refused before anything is sent.
+    let mut bytes = std::fs::read(&snapshot).unwrap();
+    bytes.truncate(bytes.len() - 5);
+    let damaged = dir.path().join("damaged.snapshot");
+    std::fs::write(&damaged, bytes).unwrap();
+    let (ok, _, stderr) =
+        admin_cli(&["import", "--target", &empty_target, "--input", damaged.to_str().unwrap()], &with_token);
+    assert!(!ok && stderr.contains("ends early"), "{stderr}");
+    // Purge one key, then (only when confirmed) the whole namespace.
+    let purge_one = ["purge", "--target", &target, "--namespace", "payments", "--key", "k-00", "--json"];
+    let (ok, stdout, stderr) = admin_cli(&purge_one, &with_token);
+    assert!(ok, "{stderr}");
+    assert_eq!(json_of(&stdout)["deleted"].as_u64(), Some(1));
+    let (ok, _, _) = admin_cli(&["purge", "--target", &target, "--namespace", "payments"], &with_token);
+    assert!(!ok, "a whole namespace needs --yes");
+    let (ok, stdout, stderr) =
+        admin_cli(&["purge", "--target", &target, "--namespace", "payments", "--yes", "--json"], &with_token);
+    assert!(ok, "{stderr}");
+    assert_eq!(json_of(&stdout)["deleted"].as_u64(), Some(29));
 }

@@ -59,6 +59,19 @@ pub async fn import(
             PostgresOpenError::TooNew { schema: options.schema.clone(), found, supported }
         }
     })?;
+    let report = copy_records(&mut client, records, fencing_floor).await;
+    drop(client);
+    let _ = connection.await;
+    report
+}
+
+/// Copies `records` over `client` by the rules of [`import`] (the schema is migrated already),
+/// in transactions of [`IMPORT_BATCH`] records, then raises the fencing-token sequence.
+pub(crate) async fn copy_records(
+    client: &mut tokio_postgres::Client,
+    records: impl Iterator<Item = Result<(Namespace, Key, Record), StoreError>>,
+    fencing_floor: u64,
+) -> Result<ImportReport, ImportError> {
     let upsert = client
         .prepare(
             "INSERT INTO records AS t (namespace, key, fingerprint, fencing_token, attempt, owner, retention_ms,
@@ -134,14 +147,18 @@ pub async fn import(
     }
     // Tokens are drawn from a bigint sequence, so none can be above i64::MAX.
     let floor = i64::try_from(highest).unwrap_or(i64::MAX);
-    let row = client
+    // Replicas may be drawing tokens meanwhile (an Admin import into a live store): ALTER SEQUENCE
+    // blocks nextval until the transaction ends, so that reading the sequence and raising it are
+    // one step and never move it back below a token just drawn.
+    let transaction = client.transaction().await?;
+    transaction.batch_execute("ALTER SEQUENCE fencing_tokens INCREMENT BY 1").await?;
+    let row = transaction
         .query_one(
             "SELECT setval('fencing_tokens', greatest($1, (SELECT last_value FROM fencing_tokens)))",
             &[&floor.max(1)],
         )
         .await?;
+    transaction.commit().await?;
     report.fencing_floor = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-    drop(client);
-    let _ = connection.await;
     Ok(report)
 }

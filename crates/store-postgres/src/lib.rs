@@ -13,6 +13,8 @@
 //! - `listen`: the LISTEN task that turns other replicas' changes into wake-ups.
 //! - [`PostgresStore`]: the [`Store`](idempotency_core::store::Store), its health task, and
 //!   [`import`] (what `migrate` uses).
+//! - `maintenance`: the operators' side ([`Maintenance`](idempotency_core::admin::Maintenance)):
+//!   census, listing, purging, a repeatable-read export and a live import.
 //!
 //! Invariants:
 //! Invariants:
@@ -32,6 +34,7 @@ mod codes;
 mod connection;
 mod import;
 mod listen;
+mod maintenance;
 mod rows;
 mod schema;
 mod store;

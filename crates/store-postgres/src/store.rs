@@ -61,14 +61,14 @@ pub struct PostgresOptions {
 /// Records in PostgreSQL, shared by every replica pointed at the same database and schema.
 #[derive(Clone)]
 pub struct PostgresStore {
-    inner: Arc<PoolState>,
+    pub(crate) inner: Arc<PoolState>,
 }
 
 pub(crate) struct PoolState {
-    pool: Pool,
+    pub(crate) pool: Pool,
     time: TimeSource,
     max_records: u64,
-    timeout: Duration,
+    pub(crate) timeout: Duration,
     /// The record count as last read by the health task (all replicas' inserts included).
     records: AtomicU64,
     /// This host's clock.

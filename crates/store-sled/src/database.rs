@@ -201,6 +201,7 @@ impl OpenDatabase {
                 let previous = self.read(record_key, Body::Skip).ok().flatten();
                 self.write(record_key, previous.as_ref(), record).map_err(|error| error.to_string())
             }
+            Logged::Delete { record_key } => self.delete(record_key).map(|_| ()).map_err(|error| error.to_string()),
             Logged::Reserve(reserved) => {
                 let current = self.db.get(FENCING_RESERVATION).map_err(|error| error.to_string())?;
                 if current.as_deref().and_then(read_u64).is_none_or(|current| current < reserved) {
@@ -209,6 +210,38 @@ impl OpenDatabase {
                 Ok(())
             }
         }
+    }
+
+    /// Deletes a key's record, its body and its index entry, in the order a sweep does (a crash
+    /// in between leaves a stale entry, which sweeping removes); whether there was a record.
+    /// The caller holds the key's stripe lock, or has the store to itself (re-applying the log).
+    fn delete(&self, record_key: &[u8]) -> Result<bool, StoreError> {
+        // An undecodable record is deleted too (its index entry, if any, is then stale).
+        let record = match self.read(record_key, Body::Skip) {
+            Ok(None) => return Ok(false),
+            Ok(Some(record)) => Some(record),
+            Err(StoreError::Corrupt(_)) => None,
+            Err(error) => return Err(error),
+        };
+        self.db.remove(record_key).map_err(unavailable)?;
+        self.db.remove(body_key(record_key)).map_err(unavailable)?;
+        if let Some(record) = record {
+            self.db.remove(index_key(record.expires_at(), record_key)).map_err(unavailable)?;
+        }
+        self.records.fetch_sub(1, Ordering::SeqCst);
+        self.count_namespace(record_key, -1);
+        Ok(true)
+    }
+
+    /// Purges a key's record under its stripe lock, logging the deletion; whether there was one,
+    /// and the group-commit ticket that must be durable before that may be reported.
+    pub(crate) fn purge(&self, record_key: &[u8]) -> Result<(bool, u64), StoreError> {
+        let mut stripe = self.stripe(record_key).lock();
+        let deleted = self.delete(record_key).map_err(|error| self.write_failed(error))?;
+        if deleted && let (Some(wal), Some(commit)) = (&self.wal, &self.commit) {
+            stripe.last_write = wal.delete(commit, record_key);
+        }
+        Ok((deleted, stripe.last_write))
     }
 
     pub(crate) async fn wait_durable(&self, ticket: u64) -> Result<(), StoreError> {

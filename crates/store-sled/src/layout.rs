@@ -35,13 +35,19 @@ pub(crate) const BODY_APART: u8 = b'B';
 pub(crate) const INDEX_PREFIX: u8 = b'x';
 
 pub(crate) fn record_key(namespace: &Namespace, key: &Key) -> Vec<u8> {
+    let mut bytes = namespace_prefix(namespace);
+    bytes.extend_from_slice(key.as_str().as_bytes());
+    bytes
+}
+
+/// What every record key of `namespace` starts with (and no other namespace's).
+pub(crate) fn namespace_prefix(namespace: &Namespace) -> Vec<u8> {
     let namespace = namespace.as_str().as_bytes();
-    let mut bytes = Vec::with_capacity(2 + namespace.len() + key.as_str().len());
+    let mut bytes = Vec::with_capacity(2 + namespace.len() + 64);
     bytes.push(RECORD_PREFIX);
     // Namespaces are at most 64 bytes, so their length fits one byte.
     bytes.push(namespace.len() as u8);
     bytes.extend_from_slice(namespace);
-    bytes.extend_from_slice(key.as_str().as_bytes());
     bytes
 }
 

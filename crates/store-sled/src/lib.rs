@@ -54,7 +54,8 @@ mod sweep_thread;
 mod wal;
 
 pub use group_commit::FlushFn;
-pub use store::{Durability, ExportedRecord, ImportCounts, OpenError, SledOptions, SledStore};
+pub use idempotency_core::admin::ImportCounts;
+pub use store::{Durability, ExportedRecord, OpenError, SledOptions, SledStore};
 pub use wal::FILE_BYTES as WAL_FILE_BYTES;
 
 use idempotency_core::store::StoreError;

@@ -1,11 +1,12 @@
 //! [`SledStore`]: the [`Store`] over one data directory, its options and errors, and what it
-//! offers beyond the trait (export for `migrate`).
+//! offers beyond the trait (export for `migrate`), and the operators' side ([`Maintenance`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use idempotency_core::admin::{AddressedRecord, Census, ImportCounts, ListQuery, Maintenance, RecordSummary};
 use idempotency_core::domain::machine;
 use idempotency_core::domain::{
     Claim, ClaimOutcome, Complete, CompleteOutcome, FencingToken, Key, KeyView, Namespace, Record, Release, Renew,
@@ -14,11 +15,11 @@ use idempotency_core::domain::{
 use idempotency_core::stats::StoreStats;
 use idempotency_core::store::{Store, StoreError, SweepReport};
 use parking_lot::{Condvar, Mutex, RwLock};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::database::{LockWait, OpenDatabase, SweepReach, open_database};
 use crate::group_commit::{FlushFn, FlushStats};
-use crate::layout::{Body, RECORD_PREFIX, decode_stored, parse_record_key, record_key};
+use crate::layout::{Body, RECORD_PREFIX, decode_stored, namespace_prefix, parse_record_key, record_key};
 use crate::supervisor::supervise;
 use crate::sweep_thread::{SweepThread, TRIM_AFTER_SWEEPING, return_freed_memory};
 use crate::unavailable;
@@ -81,21 +82,6 @@ pub enum OpenError {
 
 /// One record read by [`SledStore::export`], with its namespace and key.
 pub type ExportedRecord = Result<(Namespace, Key, Record), StoreError>;
-
-/// What [`SledStore::import`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ImportCounts {
-    /// Records added.
-    pub inserted: u64,
-    /// Records that replaced an earlier state of the same key.
-    pub replaced: u64,
-    /// Records left alone: the store holds the same or a later state of the key.
-    pub kept: u64,
-    /// Records skipped because their retention had ended.
-    pub expired: u64,
-    /// Every grant from now on is above this fencing token.
-    pub fencing_floor: u64,
-}
 
 enum Imported {
     Inserted,
@@ -205,7 +191,7 @@ impl SledStore {
     /// Every stored record with its namespace and key (expired ones not yet swept included), and
     /// the fencing token below which this store may have handed out tokens: what `migrate`
     /// copies to PostgreSQL.
-    pub fn export(&self) -> Result<(impl Iterator<Item = ExportedRecord> + 'static, u64), StoreError> {
+    pub fn export_all(&self) -> Result<(impl Iterator<Item = ExportedRecord> + 'static, u64), StoreError> {
         let inner = self.inner()?;
         let db = inner.db.clone();
         let records = inner.db.scan_prefix([RECORD_PREFIX]).map(move |entry| {
@@ -222,10 +208,10 @@ impl SledStore {
     /// Copies `records` in (a restore or an import): each key is written unless this store
     /// holds the same or a later state of it ([`Record::is_superseded_by`]); records expired at
     /// `now` are skipped; the fencing counter is raised so that every later grant is above
-    /// `fencing_floor`. `progress` is called after each record. What it wrote is durable when
+    /// `fencing_floor` and every token copied. `progress` is called after each record. What it wrote is durable when
     /// it returns. It makes sled's calls on the task that polls it (no `spawn_blocking` per
     /// record): run it where blocking is allowed (a command-line tool, `block_in_place`).
-    pub async fn import(
+    pub async fn import_records(
         &self,
         records: impl Iterator<Item = ExportedRecord>,
         fencing_floor: u64,
@@ -238,9 +224,11 @@ impl SledStore {
         let inner = self.inner()?;
         let mut counts = ImportCounts::default();
         let mut last_ticket = 0;
+        let mut highest = fencing_floor;
         for (done, entry) in (1u64..).zip(records) {
             let (namespace, key, record) = entry?;
             progress();
+            highest = highest.max(record.fencing_token.0);
             if record.is_expired(now) {
                 counts.expired += 1;
                 continue;
@@ -266,7 +254,7 @@ impl SledStore {
         }
         // Drawing one token above the floor writes a reservation above it (a log entry with
         // strict durability, which the last wait below covers).
-        let drawn = inner.next_fencing_token(FencingToken(fencing_floor))?;
+        let drawn = inner.next_fencing_token(FencingToken(highest))?;
         counts.fencing_floor = drawn.0;
         if let Some(commit) = &inner.commit {
             last_ticket = last_ticket.max(commit.written());
@@ -308,6 +296,149 @@ impl SledStore {
         let (outcome, ticket) = inner.apply(&record_key, now, decide)?;
         inner.wait_durable(ticket).await?;
         Ok(outcome)
+    }
+}
+
+impl SledStore {
+    /// Runs `work` on the open database on a blocking thread (scans and batches of deletions).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&OpenDatabase) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner()?;
+        tokio::task::spawn_blocking(move || work(&inner))
+            .await
+            .map_err(|_| StoreError::unavailable("the store's blocking task failed"))?
+    }
+
+    /// Waits until every change written so far is durable: a scan may have read changes whose
+    /// replies still wait for their flush, and reports only what is durable.
+    async fn settle(&self) -> Result<(), StoreError> {
+        let inner = self.inner()?;
+        let written = inner.commit.as_ref().map_or(0, |commit| commit.written());
+        inner.wait_durable(written).await
+    }
+}
+
+fn unknown_layout() -> StoreError {
+    StoreError::Corrupt("a record key of unknown layout".to_owned())
+}
+
+impl Maintenance for SledStore {
+    fn kind(&self) -> &'static str {
+        "sled"
+    }
+
+    async fn census(&self, namespace: Option<&Namespace>, now: Timestamp) -> Result<Census, StoreError> {
+        let prefix = namespace.map_or_else(|| vec![RECORD_PREFIX], namespace_prefix);
+        let census = self
+            .blocking(move |inner| {
+                let mut census = Census::new();
+                for entry in inner.db.scan_prefix(prefix) {
+                    let (stored_key, value) = entry.map_err(unavailable)?;
+                    let (namespace, _) = parse_record_key(&stored_key).ok_or_else(unknown_layout)?;
+                    let record = decode_stored(&inner.db, &stored_key, &value, Body::Skip)?;
+                    census.entry(namespace).or_default().count(&record, now);
+                }
+                Ok(census)
+            })
+            .await?;
+        self.settle().await?;
+        Ok(census)
+    }
+
+    async fn list(&self, query: &ListQuery, now: Timestamp) -> Result<Vec<RecordSummary>, StoreError> {
+        let query = query.clone();
+        let page = self
+            .blocking(move |inner| {
+                let mut within = namespace_prefix(&query.namespace);
+                within.extend_from_slice(query.prefix.as_bytes());
+                let start = match &query.after {
+                    // The smallest key after `after` (keys hold no control characters).
+                    Some(after) => {
+                        let mut start = record_key(&query.namespace, after);
+                        start.push(0);
+                        start.max(within.clone())
+                    }
+                    None => within.clone(),
+                };
+                let mut page = Vec::new();
+                for entry in inner.db.range(start..) {
+                    let (stored_key, value) = entry.map_err(unavailable)?;
+                    if !stored_key.starts_with(&within) || page.len() == query.limit {
+                        break;
+                    }
+                    let (_, key) = parse_record_key(&stored_key).ok_or_else(unknown_layout)?;
+                    let record = decode_stored(&inner.db, &stored_key, &value, Body::Load)?;
+                    page.extend(query.admit(key, &record, now));
+                }
+                Ok(page)
+            })
+            .await?;
+        self.settle().await?;
+        Ok(page)
+    }
+
+    async fn purge(&self, namespace: &Namespace, key: Option<&Key>) -> Result<u64, StoreError> {
+        let (prefix, exact) = match key {
+            Some(key) => (record_key(namespace, key), true),
+            None => (namespace_prefix(namespace), false),
+        };
+        let (deleted, ticket) = self
+            .blocking(move |inner| {
+                let (mut deleted, mut ticket) = (0, 0);
+                let mut purge = |record_key: &[u8]| -> Result<(), StoreError> {
+                    let (purged, written) = inner.purge(record_key)?;
+                    deleted += u64::from(purged);
+                    ticket = ticket.max(written);
+                    Ok(())
+                };
+                if exact {
+                    purge(&prefix)?;
+                } else {
+                    for stored_key in inner.db.scan_prefix(&prefix).keys() {
+                        purge(&stored_key.map_err(unavailable)?)?;
+                    }
+                }
+                Ok((deleted, ticket))
+            })
+            .await?;
+        self.inner()?.wait_durable(ticket).await?;
+        Ok(deleted)
+    }
+
+    async fn export(
+        &self,
+        namespace: Option<&Namespace>,
+        now: Timestamp,
+        sink: mpsc::Sender<AddressedRecord>,
+    ) -> Result<u64, StoreError> {
+        let prefix = namespace.map_or_else(|| vec![RECORD_PREFIX], namespace_prefix);
+        let floor = self
+            .blocking(move |inner| {
+                for entry in inner.db.scan_prefix(prefix) {
+                    let (stored_key, value) = entry.map_err(unavailable)?;
+                    let (namespace, key) = parse_record_key(&stored_key).ok_or_else(unknown_layout)?;
+                    let record = decode_stored(&inner.db, &stored_key, &value, Body::Load)?;
+                    if !record.is_expired(now) && sink.blocking_send((namespace, key, record)).is_err() {
+                        break;
+                    }
+                }
+                // Read after the scan: every token handed out so far is at most this.
+                Ok(inner.fencing.lock().last)
+            })
+            .await?;
+        self.settle().await?;
+        Ok(floor)
+    }
+
+    async fn import(
+        &self,
+        records: Vec<AddressedRecord>,
+        fencing_floor: u64,
+        now: Timestamp,
+    ) -> Result<ImportCounts, StoreError> {
+        self.import_records(records.into_iter().map(Ok), fencing_floor, now, || {}).await
     }
 }
 
@@ -609,7 +740,7 @@ mod tests {
         assert_eq!(replayed_body(&store, &key, now).await, body);
         let view = store.lookup(&namespace, &key, now).await.unwrap();
         assert_eq!(view.completed.unwrap().0.body, body);
-        let (mut exported, _) = store.export().unwrap();
+        let (mut exported, _) = store.export_all().unwrap();
         match exported.next().unwrap().unwrap().2.state {
             RecordState::Completed { response, .. } => assert_eq!(response.body, body),
             other => panic!("exported {other:?}"),
@@ -641,7 +772,7 @@ mod tests {
         db.remove(body_key(&record_key)).unwrap();
 
         assert_eq!(replayed_body(&store, &key, NOW).await, b"inline body");
-        let (mut exported, _) = store.export().unwrap();
+        let (mut exported, _) = store.export_all().unwrap();
         assert_eq!(exported.next().unwrap().unwrap().2, record);
         assert_eq!(sweep_all(&store).await, 1);
         assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());

@@ -26,7 +26,9 @@
 //!
 //! An entry: CRC-32 (of everything after it), payload length, sequence number (u32, u32, u64,
 //! little-endian), then the payload: `1`, the record key's length (u16), the record key and the
-//! record encoded with its body inline; or `2` and a fencing reservation (u64). A file is read
+//! record encoded with its body inline; `2` and a fencing reservation (u64); or `3` and a record
+//! key whose record was purged (the Admin API: a deletion of a live record, which must be as
+//! durable as a write, unlike a sweep's, and is re-applied the same way). A file is read
 //! up to its first entry that does not check; its older entries (from earlier turns, or from
 //! before a restart) are told apart by their sequence numbers, which the checkpoint covers.
 
@@ -56,6 +58,7 @@ const GROWTH: u64 = 4 << 20;
 const HEADER: usize = 16;
 const PUT: u8 = 1;
 const RESERVE: u8 = 2;
+const DELETE: u8 = 3;
 
 /// The append side of the log, shared by every writer.
 pub(crate) struct Wal {
@@ -77,6 +80,8 @@ pub(crate) enum Logged<'a> {
     Put { record_key: &'a [u8], record: &'a [u8] },
     /// A fencing reservation.
     Reserve(u64),
+    /// A key's record was deleted (purged).
+    Delete { record_key: &'a [u8] },
 }
 
 impl Wal {
@@ -88,6 +93,14 @@ impl Wal {
             out.extend_from_slice(&(record_key.len() as u16).to_le_bytes());
             out.extend_from_slice(record_key);
             record.encode_into(out);
+        })
+    }
+
+    /// Appends the deletion of a key's record; returns the group-commit ticket its reply waits for.
+    pub(crate) fn delete(&self, commit: &GroupCommit, record_key: &[u8]) -> u64 {
+        self.append(commit, |out| {
+            out.push(DELETE);
+            out.extend_from_slice(record_key);
         })
     }
 
@@ -383,6 +396,7 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Logged<'_>, String> {
             let bytes: [u8; 8] = rest.try_into().map_err(|_| "a malformed fencing reservation entry".to_owned())?;
             Ok(Logged::Reserve(u64::from_le_bytes(bytes)))
         }
+        Some((&DELETE, record_key)) if !record_key.is_empty() => Ok(Logged::Delete { record_key }),
         _ => Err("a write-ahead log entry of unknown kind".to_owned()),
     }
 }

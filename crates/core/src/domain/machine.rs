@@ -198,6 +198,16 @@ pub struct KeyView {
     pub expires_at: Timestamp,
 }
 
+/// Where a live record stands at `now` (what Lookup and the Admin API's listing report).
+pub fn key_state(now: Timestamp, record: &Record) -> KeyState {
+    match &record.state {
+        RecordState::Held(lease) if lease.expires_at > now => KeyState::InProgress,
+        RecordState::Held(_) => KeyState::LeaseExpired,
+        RecordState::Released { .. } => KeyState::Released,
+        RecordState::Completed { .. } => KeyState::Completed,
+    }
+}
+
 /// Drops a record whose retention ended: from then on it is as if the key never existed.
 fn live(now: Timestamp, current: Option<&Record>) -> Option<&Record> {
     current.filter(|record| !record.is_expired(now))
@@ -388,13 +398,11 @@ pub fn release(now: Timestamp, current: Option<&Record>, command: &Release) -> R
 /// Reads a key.
 pub fn lookup(now: Timestamp, current: Option<&Record>) -> Result<KeyView, Rejection> {
     let record = live(now, current).ok_or(Rejection::NotFound)?;
-    let (state, lease_expires_at, completed) = match &record.state {
-        RecordState::Held(lease) if lease.expires_at > now => (KeyState::InProgress, Some(lease.expires_at), None),
-        RecordState::Held(lease) => (KeyState::LeaseExpired, Some(lease.expires_at), None),
-        RecordState::Released { .. } => (KeyState::Released, None, None),
-        RecordState::Completed { response, completed_at, .. } => {
-            (KeyState::Completed, None, Some((response.clone(), *completed_at)))
-        }
+    let state = key_state(now, record);
+    let (lease_expires_at, completed) = match &record.state {
+        RecordState::Held(lease) => (Some(lease.expires_at), None),
+        RecordState::Released { .. } => (None, None),
+        RecordState::Completed { response, completed_at, .. } => (None, Some((response.clone(), *completed_at))),
     };
     Ok(KeyView {
         state,

@@ -1,5 +1,6 @@
 //! Safety under faults, checked on recorded histories (see the testkit's `history` for P1–P5),
-//! one file per subject: the checker's own tests on known-bad histories; crashes, races and
+//! one file per subject: backups of a running server; the checker's own tests on known-bad
+//! histories; crashes, races and
 //! pauses; the reference model of both stores; hostile input; load, memory and disk; replicas on
 //! PostgreSQL; a disk that fills up; and the differential test of the state machine against its
 //! SQL copy.
@@ -16,6 +17,7 @@ use idempotency_testkit::*;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
+mod backup;
 mod checker;
 mod crashes;
 mod differential;

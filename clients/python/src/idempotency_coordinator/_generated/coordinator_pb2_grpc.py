@@ -272,3 +272,280 @@ class Coordinator(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub(object):
+    """Operators' calls: what a store holds, paged listing, purging, and a whole-store export and
+    import in the snapshot format of `idempotency-coordinator backup` (so `restore` reads an
+    export, and Import reads a backup). Every call needs the admin role: over the namespace it
+    names, or, for a call that names none, over every namespace (a grant of `namespaces = ["*"]`
+    without `deny`). Without an auth file, as for the Coordinator service, anyone may call them.
+    `idempotency-coordinator admin stats|list|purge|export|import --target URL` drives them.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Stats = channel.unary_unary(
+                '/idempotency.v1.Admin/Stats',
+                request_serializer=idempotency_dot_v1_dot_coordinator__pb2.StatsRequest.SerializeToString,
+                response_deserializer=idempotency_dot_v1_dot_coordinator__pb2.StatsResponse.FromString,
+                _registered_method=True)
+        self.List = channel.unary_unary(
+                '/idempotency.v1.Admin/List',
+                request_serializer=idempotency_dot_v1_dot_coordinator__pb2.ListRequest.SerializeToString,
+                response_deserializer=idempotency_dot_v1_dot_coordinator__pb2.ListResponse.FromString,
+                _registered_method=True)
+        self.Purge = channel.unary_unary(
+                '/idempotency.v1.Admin/Purge',
+                request_serializer=idempotency_dot_v1_dot_coordinator__pb2.PurgeRequest.SerializeToString,
+                response_deserializer=idempotency_dot_v1_dot_coordinator__pb2.PurgeResponse.FromString,
+                _registered_method=True)
+        self.Export = channel.unary_stream(
+                '/idempotency.v1.Admin/Export',
+                request_serializer=idempotency_dot_v1_dot_coordinator__pb2.ExportRequest.SerializeToString,
+                response_deserializer=idempotency_dot_v1_dot_coordinator__pb2.ExportResponse.FromString,
+                _registered_method=True)
+        self.Import = channel.stream_unary(
+                '/idempotency.v1.Admin/Import',
+                request_serializer=idempotency_dot_v1_dot_coordinator__pb2.ImportRequest.SerializeToString,
+                response_deserializer=idempotency_dot_v1_dot_coordinator__pb2.ImportResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer(object):
+    """Operators' calls: what a store holds, paged listing, purging, and a whole-store export and
+    import in the snapshot format of `idempotency-coordinator backup` (so `restore` reads an
+    export, and Import reads a backup). Every call needs the admin role: over the namespace it
+    names, or, for a call that names none, over every namespace (a grant of `namespaces = ["*"]`
+    without `deny`). Without an auth file, as for the Coordinator service, anyone may call them.
+    `idempotency-coordinator admin stats|list|purge|export|import --target URL` drives them.
+    """
+
+    def Stats(self, request, context):
+        """Records by namespace and state, disk use, the oldest record, and the sweeper.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """A page of a namespace's live records, in key order (bytewise), without response bodies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Purge(self, request, context):
+        """Deletes one key, or every record of a namespace, durably. Fencing tokens still never go
+        back: the next grant of a purged key is above every token granted before.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Export(self, request, context):
+        """Streams a snapshot of the live records (the bytes of a snapshot file, in order). Each record
+        is as it was at one moment during the export (on PostgreSQL, all at the same moment: one
+        repeatable-read transaction); what an export holds was durable before its last chunk was
+        sent; the trailer carries a fencing floor read after the last record, above every token
+        granted before the export ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Import(self, request_iterator, context):
+        """Reads a snapshot stream whole (checked before anything is written: a damaged one is refused
+        with INVALID_SNAPSHOT and changes nothing), then copies its live records in with the rules of
+        `migrate`: a key is written unless the store holds the same or a later state of it (a later
+        grant, or a later change of the same grant), so importing twice changes nothing; the fencing
+        counter is raised above the snapshot's floor and every token in it. Held leases keep working
+        with their tokens. The caller needs admin over every namespace the snapshot holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=idempotency_dot_v1_dot_coordinator__pb2.StatsRequest.FromString,
+                    response_serializer=idempotency_dot_v1_dot_coordinator__pb2.StatsResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=idempotency_dot_v1_dot_coordinator__pb2.ListRequest.FromString,
+                    response_serializer=idempotency_dot_v1_dot_coordinator__pb2.ListResponse.SerializeToString,
+            ),
+            'Purge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Purge,
+                    request_deserializer=idempotency_dot_v1_dot_coordinator__pb2.PurgeRequest.FromString,
+                    response_serializer=idempotency_dot_v1_dot_coordinator__pb2.PurgeResponse.SerializeToString,
+            ),
+            'Export': grpc.unary_stream_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=idempotency_dot_v1_dot_coordinator__pb2.ExportRequest.FromString,
+                    response_serializer=idempotency_dot_v1_dot_coordinator__pb2.ExportResponse.SerializeToString,
+            ),
+            'Import': grpc.stream_unary_rpc_method_handler(
+                    servicer.Import,
+                    request_deserializer=idempotency_dot_v1_dot_coordinator__pb2.ImportRequest.FromString,
+                    response_serializer=idempotency_dot_v1_dot_coordinator__pb2.ImportResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'idempotency.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('idempotency.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin(object):
+    """Operators' calls: what a store holds, paged listing, purging, and a whole-store export and
+    import in the snapshot format of `idempotency-coordinator backup` (so `restore` reads an
+    export, and Import reads a backup). Every call needs the admin role: over the namespace it
+    names, or, for a call that names none, over every namespace (a grant of `namespaces = ["*"]`
+    without `deny`). Without an auth file, as for the Coordinator service, anyone may call them.
+    `idempotency-coordinator admin stats|list|purge|export|import --target URL` drives them.
+    """
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/idempotency.v1.Admin/Stats',
+            idempotency_dot_v1_dot_coordinator__pb2.StatsRequest.SerializeToString,
+            idempotency_dot_v1_dot_coordinator__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/idempotency.v1.Admin/List',
+            idempotency_dot_v1_dot_coordinator__pb2.ListRequest.SerializeToString,
+            idempotency_dot_v1_dot_coordinator__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Purge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/idempotency.v1.Admin/Purge',
+            idempotency_dot_v1_dot_coordinator__pb2.PurgeRequest.SerializeToString,
+            idempotency_dot_v1_dot_coordinator__pb2.PurgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/idempotency.v1.Admin/Export',
+            idempotency_dot_v1_dot_coordinator__pb2.ExportRequest.SerializeToString,
+            idempotency_dot_v1_dot_coordinator__pb2.ExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Import(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/idempotency.v1.Admin/Import',
+            idempotency_dot_v1_dot_coordinator__pb2.ImportRequest.SerializeToString,
+            idempotency_dot_v1_dot_coordinator__pb2.ImportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
