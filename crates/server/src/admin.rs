@@ -258,7 +258,8 @@ impl<S: Maintenance> pb::admin_server::Admin for AdminService<S> {
             let floor = loop {
                 tokio::select! {
                     record = read.recv() => {
-                        let Some((namespace, key, record)) = record else { continue };
+                        // The store dropped its sender: it is done, or about to be.
+                        let Some((namespace, key, record)) = record else { break (&mut export).await };
                         if let Err(reason) = snapshot::encode_entry(&mut chunk, &namespace, &key, &record) {
                             tracing::error!(%reason, "a record cannot be exported");
                             let _ = chunks.send(Err(store_error(StoreError::Corrupt(reason)))).await;

@@ -971,7 +971,7 @@ async fn metrics_count_every_call(backend: Backend) {
     assert!(used.len() >= 20, "{used:?}");
     for name in used {
         assert!(
-            samples.iter().any(|(sample_name, ..)| sample_name == name),
+            counted.iter().any(|(sample_name, ..)| sample_name == name),
             "the dashboard uses {name}, which the server does not export"
         );
     }
