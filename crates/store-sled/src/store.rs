@@ -21,7 +21,7 @@ use crate::database::{LockWait, OpenDatabase, SweepReach, open_database};
 use crate::group_commit::{FlushFn, FlushStats};
 use crate::layout::{Body, RECORD_PREFIX, decode_stored, namespace_prefix, parse_record_key, record_key};
 use crate::supervisor::supervise;
-use crate::sweep_thread::{SweepThread, TRIM_AFTER_SWEEPING, return_freed_memory};
+use crate::sweep_thread::{SweepThread, TRIM_AFTER_SWEEPING, lower_this_threads_priority, return_freed_memory};
 use crate::unavailable;
 
 /// When a reply may report a change.
@@ -300,15 +300,23 @@ impl SledStore {
 }
 
 impl SledStore {
-    /// Runs `work` on the open database on a blocking thread (scans and batches of deletions).
+    /// Runs `work` on the open database on a thread of its own at a lower CPU priority (nice 10,
+    /// as sweeps): an operator's scan (a census, an export) takes the CPU that calls leave idle
+    /// rather than competing with them for it (figures in BENCHMARKS.md).
     async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&OpenDatabase) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner()?;
-        tokio::task::spawn_blocking(move || work(&inner))
-            .await
-            .map_err(|_| StoreError::unavailable("the store's blocking task failed"))?
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("sled-admin".to_owned())
+            .spawn(move || {
+                lower_this_threads_priority();
+                let _ = reply.send(work(&inner));
+            })
+            .map_err(|error| StoreError::unavailable_because("starting a thread for the scan", error))?;
+        answer.await.map_err(|_| StoreError::unavailable("the store's scan failed"))?
     }
 
     /// Waits until every change written so far is durable: a scan may have read changes whose
