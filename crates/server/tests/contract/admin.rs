@@ -58,6 +58,8 @@ pub(crate) async fn admin_stats_count_records_by_namespace_and_state(backend: Ba
     let stats = admin.stats(pb::StatsRequest::default()).await.unwrap().into_inner();
     let kind = if backend == Backend::Sled { "sled" } else { "postgres" };
     assert_eq!((stats.store.as_str(), stats.records), (kind, 6));
+    // The store's own count (which --max-records is checked against) agrees with the census.
+    assert_eq!(server.coordinator().store().counted_records().await.unwrap(), 6);
     let payments = &stats.namespaces[0];
     assert_eq!(payments.namespace, "payments");
     assert_eq!(
