@@ -487,23 +487,26 @@ pub async fn serve<S: Store + idempotency_core::admin::Maintenance>(
 }
 
 /// Reloads the TLS material and the auth file on SIGHUP and when their files change (checked
-/// every second), and hands the auth file's quotas to the store.
+/// every second), and hands the auth file's quotas to the store. With neither, a SIGHUP (a
+/// process manager's "reload") is logged and changes nothing; it never ends the server.
 async fn reload_on_change<S: Store>(
     security: Security,
     coordinator: Arc<Coordinator<S>>,
     calls: Arc<CallMetrics>,
     stop: CancellationToken,
 ) {
-    if security.tls.is_none() && security.auth.is_none() {
-        return;
-    }
+    let reloadable = security.tls.is_some() || security.auth.is_some();
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     loop {
         let forced = tokio::select! {
             () = stop.cancelled() => return,
-            _ = ticks.tick() => false,
+            _ = ticks.tick(), if reloadable => false,
             Some(()) = async { match &mut hangups { Some(hangups) => hangups.recv().await, None => std::future::pending().await } } => {
+                if !reloadable {
+                    tracing::info!("SIGHUP: nothing to reload (no TLS material, no auth file)");
+                    continue;
+                }
                 tracing::info!("SIGHUP: reloading TLS material and the auth file");
                 true
             }

@@ -1273,3 +1273,18 @@ async fn the_admin_command_line_drives_every_admin_call_with_credentials() {
     assert!(ok, "{stderr}");
     assert_eq!(json_of(&stdout)["deleted"].as_u64(), Some(29));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_without_anything_to_reload_leaves_the_server_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::start(&dir.path().join("data"));
+    let mut client = server.client().await;
+    let grant = claim_acquired(&mut client, "before").await;
+    // A process manager's "reload" (systemctl reload, kill -HUP) on a server without TLS or an
+    // auth file: the default action of SIGHUP would end the process.
+    server.signal("-HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(server.child.try_wait().unwrap().is_none(), "the server ended on SIGHUP");
+    client.complete(complete_request("before", &grant.lease_token, b"done")).await.expect("still serving");
+    claim_acquired(&mut client, "after").await;
+}
