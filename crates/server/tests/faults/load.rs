@@ -106,7 +106,11 @@ async fn mixed_body_sizes_across_the_blob_threshold_cause_no_outage() {
     use tonic_health::pb::health_client::HealthClient;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let server = ChildServer::start_with(&data, &["--default-retention", "1s", "--sweep-interval", "200ms"]);
+    // Write-ahead log files of 1 MiB: a checkpoint (sled's durable flush, which lists and syncs
+    // the blob files that sled deletes under it) every few hundred flows, instead of once per
+    // 64 MiB of log, so that the race the flush must tolerate happens within the run.
+    let flags = ["--default-retention", "1s", "--sweep-interval", "200ms", "--wal-file-mb", "1"];
+    let server = ChildServer::start_with(&data, &flags);
     let channel = Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
     let mut watch = HealthClient::new(channel.clone())
         .watch(HealthCheckRequest { service: String::new() })
