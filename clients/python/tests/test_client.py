@@ -4,8 +4,10 @@ bearer token)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import subprocess
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -18,6 +20,9 @@ from idempotency_coordinator import (
     Grant,
     InProgress,
     KeyState,
+    PermissionDenied,
+    Reason,
+    Rejected,
     Renewal,
     Replay,
     Stored,
@@ -209,6 +214,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("openssl is not installed")
     where = tmp_path_factory.mktemp("tls")
     (where / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (where / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
     _openssl(
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
         "-keyout", "ca.key", "-out", "ca.pem", cwd=where,
@@ -218,7 +224,8 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=where,
         )  # fmt: skip
-        extra = ["-extfile", "server.ext"] if name == "server" else []
+        # Version 3 certificates: rustls (the coordinator's TLS) refuses version 1.
+        extra = ["-extfile", "server.ext" if name == "server" else "client.ext"]
         _openssl(
             "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *extra, cwd=where,
@@ -285,3 +292,60 @@ async def test_tls_and_mutual_tls(certificates: Path) -> None:
         "Bearer over-tls",
         None,
     ]
+
+
+async def test_the_real_coordinator_over_mutual_tls_with_an_auth_file(
+    certificates: Path, start_coordinator: Callable[..., CoordinatorProcess], tmp_path: Path
+) -> None:
+    """The coordinator with --tls-cert, --tls-client-ca and --auth-file: the token names the caller
+    (and its namespaces); without one, the verified client certificate does."""
+    auth = tmp_path / "auth.toml"
+    digest = hashlib.sha256(b"python-token").hexdigest()
+    auth.write_text(
+        f'[[token]]\nname = "python"\nsha256 = "{digest}"\n'
+        'namespaces = ["python-*"]\nrole = "write"\n'
+        '[[certificate]]\nsubject = "CN=client"\nnamespaces = ["certified"]\nrole = "read"\n'
+    )
+    coordinator = start_coordinator(
+        "--tls-cert", str(certificates / "server.pem"),
+        "--tls-key", str(certificates / "server.key"),
+        "--tls-client-ca", str(certificates / "ca.pem"),
+        "--auth-file", str(auth),
+    )  # fmt: skip
+    target = f"https://{coordinator.address}"
+    tls = {
+        "ca_file": certificates / "ca.pem",
+        "cert_file": certificates / "client.pem",
+        "key_file": certificates / "client.key",
+    }
+    k = key()
+    async with Client(target, token="python-token", **tls) as client:  # type: ignore[arg-type]
+        grant = await client.claim("python-tests", k, fingerprint=b"fp")
+        assert isinstance(grant, Grant)
+        await client.complete("python-tests", k, grant.lease_token, body("over mTLS"))
+        replay = await client.claim("python-tests", k, fingerprint=b"fp")
+        assert isinstance(replay, Replay) and replay.response == body("over mTLS")
+        with pytest.raises(PermissionDenied) as refused:
+            await client.claim("payments", k)
+        assert refused.value.reason is Reason.NAMESPACE_NOT_ALLOWED
+    async with Client(target, token="not-the-token", **tls) as client:  # type: ignore[arg-type]
+        with pytest.raises(PermissionDenied) as refused:
+            await client.lookup("python-tests", k)
+        assert refused.value.reason is Reason.UNAUTHENTICATED
+    # No token: the certificate (CN=client) is the caller, reading its one namespace.
+    async with Client(target, **tls) as client:  # type: ignore[arg-type]
+        with pytest.raises(Rejected) as absent:
+            await client.lookup("certified", k)
+        assert absent.value.reason is Reason.KEY_NOT_FOUND
+        with pytest.raises(PermissionDenied) as refused:
+            await client.claim("certified", k)
+        assert refused.value.reason is Reason.ROLE_NOT_ALLOWED
+        with pytest.raises(PermissionDenied) as refused:
+            await client.lookup("python-tests", k)
+        assert refused.value.reason is Reason.NAMESPACE_NOT_ALLOWED
+    # Without a client certificate the handshake is refused.
+    async with Client(
+        target, ca_file=certificates / "ca.pem", token="python-token", timeout=3
+    ) as client:
+        with pytest.raises(Unavailable):
+            await client.lookup("python-tests", k)

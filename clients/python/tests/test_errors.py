@@ -1,5 +1,5 @@
 """The exception hierarchy: every reason the real coordinator can be made to give, and through a
-fake coordinator those it cannot (faults, draining, and the reasons announced for later)."""
+fake coordinator those it cannot (faults, draining, access and overload)."""
 
 from __future__ import annotations
 

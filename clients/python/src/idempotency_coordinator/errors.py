@@ -7,10 +7,10 @@ metadata ``grpc-status-details-bin``. :func:`error_from_rpc` turns it into one o
 - :class:`Invalid`: the request was malformed or out of the server's bounds (the ``INVALID_*``
   reasons, ``RESPONSE_TOO_LARGE``, ``INVALID_MESSAGE``), with ``field`` and ``limit``. Final.
 - :class:`Rejected`: refused by the contract's rules (``FINGERPRINT_MISMATCH``, ``LEASE_LOST``,
-  ``ALREADY_COMPLETED``, ``KEY_NOT_FOUND``, ``STORE_FULL``, ``INTERNAL``, and the coming
+  ``ALREADY_COMPLETED``, ``KEY_NOT_FOUND``, ``STORE_FULL``, ``INTERNAL``,
   ``NAMESPACE_FULL`` and ``OVERLOADED``). ``STORE_FULL``, ``NAMESPACE_FULL`` and ``OVERLOADED``
   are retryable later; the others are final.
-- :class:`PermissionDenied` (a :class:`Rejected`): the coming ``UNAUTHENTICATED`` (no bearer
+- :class:`PermissionDenied` (a :class:`Rejected`): ``UNAUTHENTICATED`` (no bearer
   token or client certificate, or one the server does not know), ``NAMESPACE_NOT_ALLOWED`` and
   ``ROLE_NOT_ALLOWED``. Final.
 - :class:`Unavailable`: the call may or may not have taken effect (``STORE_UNAVAILABLE``,
@@ -20,8 +20,8 @@ metadata ``grpc-status-details-bin``. :func:`error_from_rpc` turns it into one o
 - :class:`InProgressError` and :class:`Failed` come from :meth:`Idempotent.run
   <idempotency_coordinator.Idempotent.run>`: the key is held elsewhere, or the work failed.
 
-A refused call changes nothing stored. When the status carries a ``google.rpc.RetryInfo`` (the
-coming ``OVERLOADED`` does), :attr:`Error.retry_after` gives its delay.
+A refused call changes nothing stored. When the status carries a ``google.rpc.RetryInfo`` (``OVERLOADED``
+does), :attr:`Error.retry_after` gives its delay.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Reason(str, enum.Enum):
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
-    # Announced, not served yet: accepted so that a newer server's answers read right.
+    # Access, quotas and overload (the server's --auth-file and --max-in-flight).
     UNAUTHENTICATED = "UNAUTHENTICATED"
     NAMESPACE_NOT_ALLOWED = "NAMESPACE_NOT_ALLOWED"
     ROLE_NOT_ALLOWED = "ROLE_NOT_ALLOWED"
