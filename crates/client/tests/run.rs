@@ -382,3 +382,27 @@ async fn thirty_two_concurrent_runs_of_one_key_run_the_work_once_and_agree() {
     assert_eq!(responses.iter().filter(|outcome| !outcome.replayed()).count(), 1);
     assert!(responses.iter().all(|outcome| outcome.response() == responses[0].response()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indeterminate_claims_are_retried_only_within_retry_for_and_the_work_never_runs() {
+    let server = TestServer::start().await;
+    let (proxy, client) = lossy_proxy(&server).await;
+    // Every Claim's reply is lost: each may have taken effect, none says so.
+    proxy.lose_claim_replies.store(u32::MAX, Ordering::SeqCst);
+    let runs = AtomicU32::new(0);
+    let run = client.idempotent(NAMESPACE, "never-answered").retry_for(Duration::from_millis(500)).run(|_| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Failure>(body("never")) }
+    });
+    // Bounded only to turn a run that never gives up into a failure instead of a hang.
+    let result = tokio::time::timeout(Duration::from_secs(30), run).await.expect("run gives up within retry_for");
+    let error = result.expect_err("no Claim was ever answered");
+    assert!(error.is_indeterminate(), "{error:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    let claims = proxy.claims.load(Ordering::SeqCst);
+    assert!(claims >= 2, "the Claim was retried ({claims} sent)");
+    // What the lost replies carried: the key is held by the first grant, and a later run with
+    // its replies delivered takes it over once the lease lapses (not tested here: 30 s).
+    let view = client_of(&server).await.lookup(NAMESPACE, "never-answered").await.unwrap();
+    assert_eq!((view.state, view.attempt), (KeyState::InProgress, 1), "every retry got the same grant");
+}

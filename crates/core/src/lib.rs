@@ -6,12 +6,12 @@
 //!   machine ([`domain::machine`]): given `now`, a key's record and a command, the new record and
 //!   the outcome. Every rule of the contract lives there once.
 //! - [`clock`]: injected wall-clock time (system, manual, offset).
+//! - [`stats`]: what stores and the coordinator count for dashboards (atomic histograms), with
+//!   no metrics format.
 //! - [`store`]: the [`Store`](store::Store) trait every backend implements, with each method's
 //!   atomicity and durability, and [`StoreError`](store::StoreError).
 //! - [`admin`]: what the Admin API asks of a store ([`Maintenance`](admin::Maintenance)): a census,
 //!   listing, purging, export and import, with the domain's rules for each.
-//! - [`stats`]: what stores and the coordinator count for dashboards (atomic histograms), with
-//!   no metrics format.
 //! - [`coordinator`]: applies commands through a store at the clock's time; waits for held keys,
 //!   wakes waiters, drains; counts how waits ended.
 
@@ -20,10 +20,11 @@
 pub mod domain;
 
 pub mod clock;
+pub mod stats;
+
 pub mod store;
 
 pub mod admin;
-pub mod stats;
 
 pub mod coordinator;
 

@@ -30,8 +30,9 @@ pub mod config;
 pub mod stores;
 
 pub mod auth;
-pub mod listener;
 pub mod tls;
+
+pub mod listener;
 
 pub mod sweeper;
 
