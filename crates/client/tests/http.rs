@@ -352,3 +352,180 @@ async fn a_refusal_of_the_services_own_request_is_a_500_and_an_outage_a_503() {
     assert_eq!(problem["type"], "urn:idempotency:unavailable");
     assert_eq!(runs.load(Ordering::SeqCst), 0, "neither ran the handler");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_policy_releases_only_the_statuses_that_say_nothing_was_done() {
+    let server = TestServer::start().await;
+    let (_, layer) = layer_for(&server).await;
+    let released = [
+        StatusCode::REQUEST_TIMEOUT,
+        StatusCode::TOO_EARLY,
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::SERVICE_UNAVAILABLE,
+    ];
+    let stored = [
+        StatusCode::CREATED,
+        StatusCode::PAYMENT_REQUIRED,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        StatusCode::BAD_GATEWAY,
+        StatusCode::GATEWAY_TIMEOUT,
+    ];
+    for (status, runs_expected) in released.iter().map(|s| (*s, 2)).chain(stored.iter().map(|s| (*s, 1))) {
+        let runs = Arc::new(AtomicU32::new(0));
+        let router = counting(&runs, status, "answer").layer(layer.clone());
+        let key = format!("status-{}", status.as_u16());
+        for _ in 0..2 {
+            assert_eq!(send(&router, post_with_key(&key, "x")).await.0, status);
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), runs_expected, "{status}: runs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_path_query_and_content_type_are_part_of_the_fingerprint() {
+    let server = TestServer::start().await;
+    let (_, layer) = layer_for(&server).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let handler = {
+        let runs = Arc::clone(&runs);
+        move || {
+            let runs = Arc::clone(&runs);
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                (StatusCode::CREATED, "made")
+            }
+        }
+    };
+    let router = Router::new().fallback(handler).layer(layer);
+    let request = |method: &str, uri: &str, content_type: &str| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("idempotency-key", "fingerprint")
+            .header("content-type", content_type)
+            .body(Body::from("same body"))
+            .unwrap()
+    };
+    let first = |uri: &str| {
+        Request::post(uri)
+            .header("idempotency-key", "fingerprint")
+            .header("content-type", "text/plain")
+            .body(Body::from("same body"))
+            .unwrap()
+    };
+    assert_eq!(send(&router, first("/thing?a=1")).await.0, StatusCode::CREATED);
+    // The same request again: a replay.
+    let (status, headers, _) = send(&router, first("/thing?a=1")).await;
+    assert_eq!(
+        (status, &headers["idempotent-replayed"]),
+        (StatusCode::CREATED, &"true".parse::<axum::http::HeaderValue>().unwrap())
+    );
+    // Each difference alone makes it another request: 422.
+    for (method, uri, content_type) in [
+        ("PATCH", "/thing?a=1", "text/plain"),
+        ("POST", "/other?a=1", "text/plain"),
+        ("POST", "/thing?a=2", "text/plain"),
+        ("POST", "/thing?a=1", "application/json"),
+    ] {
+        let (status, _, _) = send(&router, request(method, uri, content_type)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{method} {uri} {content_type}");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_panics_leaves_the_lease_to_lapse_and_a_retry_takes_over() {
+    let server = TestServer::start().await;
+    let (client, layer) = layer_for(&server).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let router = {
+        let calls = Arc::clone(&calls);
+        Router::new()
+            .route(
+                "/thing",
+                post(move |Extension(lease): Extension<Lease>| {
+                    let calls = Arc::clone(&calls);
+                    async move {
+                        if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                            panic!("the handler panics mid-mutation");
+                        }
+                        (StatusCode::CREATED, format!("attempt {} takeover {}", lease.attempt(), lease.takeover()))
+                    }
+                }),
+            )
+            .layer(layer.lease_ttl(std::time::Duration::from_secs(1)))
+    };
+    let first = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, post_with_key("panics", "x")).await }
+    });
+    assert!(first.await.unwrap_err().is_panic(), "the panic reaches the caller's task");
+    // Not released (it may have acted) and not completed: the lease lapses.
+    assert_eq!(client.lookup("http-tests", "0:panics").await.unwrap().state, KeyState::InProgress);
+    server.advance(std::time::Duration::from_secs(1));
+    let (status, _, body) = send(&router, post_with_key("panics", "x")).await;
+    assert_eq!((status, body.as_ref()), (StatusCode::CREATED, b"attempt 2 takeover true".as_slice()));
+}
+
+/// A coordinator that is up and answers every call UNAVAILABLE STORE_UNAVAILABLE (a failing disk).
+struct Unavailable;
+
+fn store_unavailable() -> tonic::Status {
+    idempotency_proto::Reason::StoreUnavailable.status("storage unavailable", std::collections::HashMap::new())
+}
+
+#[tonic::async_trait]
+impl idempotency_proto::pb::coordinator_server::Coordinator for Unavailable {
+    async fn claim(
+        &self,
+        _: tonic::Request<idempotency_proto::pb::ClaimRequest>,
+    ) -> Result<tonic::Response<idempotency_proto::pb::ClaimResponse>, tonic::Status> {
+        Err(store_unavailable())
+    }
+    async fn complete(
+        &self,
+        _: tonic::Request<idempotency_proto::pb::CompleteRequest>,
+    ) -> Result<tonic::Response<idempotency_proto::pb::CompleteResponse>, tonic::Status> {
+        Err(store_unavailable())
+    }
+    async fn renew(
+        &self,
+        _: tonic::Request<idempotency_proto::pb::RenewRequest>,
+    ) -> Result<tonic::Response<idempotency_proto::pb::RenewResponse>, tonic::Status> {
+        Err(store_unavailable())
+    }
+    async fn release(
+        &self,
+        _: tonic::Request<idempotency_proto::pb::ReleaseRequest>,
+    ) -> Result<tonic::Response<idempotency_proto::pb::ReleaseResponse>, tonic::Status> {
+        Err(store_unavailable())
+    }
+    async fn lookup(
+        &self,
+        _: tonic::Request<idempotency_proto::pb::LookupRequest>,
+    ) -> Result<tonic::Response<idempotency_proto::pb::LookupResponse>, tonic::Status> {
+        Err(store_unavailable())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_answers_unavailable_gets_a_503_and_the_handler_never_runs() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(idempotency_proto::pb::coordinator_server::CoordinatorServer::new(Unavailable))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let client = Client::connect(format!("http://{addr}")).await.unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let layer = IdempotencyLayer::new(client, "http-tests").retry_for(std::time::Duration::from_millis(300));
+    let router = counting(&runs, StatusCode::OK, "ran").layer(layer);
+    let (status, headers, body) = send(&router, post_with_key("disk-failing", "x")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(headers["content-type"], "application/problem+json");
+    let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem["type"], "urn:idempotency:unavailable");
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "no lease, no handler");
+}
