@@ -26,13 +26,24 @@ pub struct Client {
 
 /// How to connect: the address, TLS (feature `tls`), credentials and deadlines. Built with
 /// [`Client::builder`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientBuilder {
     uri: String,
     call_timeout: Duration,
     token: Option<String>,
     #[cfg(feature = "tls")]
     tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret: its presence is shown, never its value.
+        f.debug_struct("ClientBuilder")
+            .field("uri", &self.uri)
+            .field("call_timeout", &self.call_timeout)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientBuilder {
@@ -233,5 +244,17 @@ impl Client {
     /// Runs a mutation once for `key` in `namespace`: see [`Idempotent`].
     pub fn idempotent(&self, namespace: impl Into<String>, key: impl Into<String>) -> Idempotent {
         Idempotent::new(self.clone(), namespace.into(), key.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_builder_shows_that_it_has_a_token_never_the_token() {
+        let builder = Client::builder("http://127.0.0.1:50051").bearer_token("s3cret-value");
+        let shown = format!("{builder:?}");
+        assert!(shown.contains("<redacted>") && !shown.contains("s3cret-value"), "{shown}");
     }
 }

@@ -261,7 +261,11 @@ impl Rules {
     /// Who the credentials are, if anyone this file knows.
     fn identify(&self, credentials: &Credentials<'_>) -> Option<&Grant> {
         if let Some(authorization) = credentials.authorization {
-            let token = authorization.strip_prefix(b"Bearer ")?;
+            // The scheme is case-insensitive (RFC 9110, 11.1); one space, then the token.
+            let (scheme, token) = authorization.split_at_checked(7)?;
+            if !scheme.eq_ignore_ascii_case(b"bearer ") {
+                return None;
+            }
             let hash: [u8; 32] = Sha256::digest(token).into();
             // Every entry is compared, in constant time, whichever matches.
             let mut found = None;
@@ -476,6 +480,16 @@ mod tests {
         );
         let basic = Credentials { authorization: Some(b"Basic c2VjcmV0LTE="), certificate: None };
         assert_eq!(rules().authenticate(&basic), Err(Denial::Unauthenticated));
+        // The scheme is case-insensitive; the token is not.
+        for scheme in ["bearer", "BEARER", "BeArEr"] {
+            let authorization = format!("{scheme} secret-1");
+            let credentials = Credentials { authorization: Some(authorization.as_bytes()), certificate: None };
+            assert_eq!(rules().authenticate(&credentials).as_deref(), Ok("payments-api"), "{scheme}");
+        }
+        for refused in [&b"Bearer SECRET-1"[..], b"Bearer  secret-1", b"Bearersecret-1", b"Bearer"] {
+            let credentials = Credentials { authorization: Some(refused), certificate: None };
+            assert_eq!(rules().authenticate(&credentials), Err(Denial::Unauthenticated));
+        }
         assert_eq!(rules().quotas().get(&Namespace::parse("payments").unwrap()), Some(&10));
     }
 

@@ -47,8 +47,10 @@ pub struct Config {
     pub data_dir: PathBuf,
 
     /// Keep records in PostgreSQL instead (postgres://user@host:port/database), shared by any
-    /// number of replicas. Unset: the embedded store in --data-dir.
-    #[arg(long, env = "IDEMPOTENCY_STORE")]
+    /// number of replicas. Unset: the embedded store in --data-dir. A URL with a password belongs
+    /// in IDEMPOTENCY_STORE (from a secrets file your service manager loads), not on the command
+    /// line, where `ps` shows it; --help never prints the variable's value.
+    #[arg(long, env = "IDEMPOTENCY_STORE", hide_env_values = true)]
     pub store: Option<String>,
 
     /// PostgreSQL schema of the store's tables and functions; created and migrated on start.

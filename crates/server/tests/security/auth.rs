@@ -314,6 +314,30 @@ async fn admin_calls_need_the_admin_role_over_what_they_touch(backend: Backend) 
     assert_eq!(admin.purge(with_token(purge("refunds"), ADMIN)).await.unwrap().into_inner().deleted, 1);
 }
 
+/// The client crate's own token setting, as a service uses it (the other tests here send the
+/// header by hand).
+async fn the_client_crates_bearer_token_is_what_the_server_judges(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_auth_file(dir.path(), &auth_file_text());
+    let server = TestServer::start_on_with(backend, |config| config.auth_file = Some(path)).await;
+    let url = format!("http://{}", server.addr);
+    let writer = idempotency_client::Client::connect(url.clone()).await.unwrap().with_bearer_token(WRITER).unwrap();
+    let grant = writer.claim(&idempotency_client::Claim::new("payments", "by-the-client")).await.unwrap();
+    assert!(matches!(grant, idempotency_client::ClaimOutcome::Acquired(_)), "{grant:?}");
+    let reader = idempotency_client::Client::builder(url.clone()).bearer_token(READER).connect().await.unwrap();
+    let refused = reader.claim(&idempotency_client::Claim::new("payments", "by-the-reader")).await.unwrap_err();
+    assert!(
+        matches!(refused, idempotency_client::Error::Rejected(idempotency_client::Reason::RoleNotAllowed, _)),
+        "{refused:?}"
+    );
+    let anonymous = idempotency_client::Client::connect(url).await.unwrap();
+    let refused = anonymous.lookup("payments", "by-the-client").await.unwrap_err();
+    assert!(
+        matches!(refused, idempotency_client::Error::Rejected(idempotency_client::Reason::Unauthenticated, _)),
+        "{refused:?}"
+    );
+}
+
 macro_rules! on_both_stores {
     ($($test:ident),* $(,)?) => {
         mod sled {
@@ -342,7 +366,8 @@ macro_rules! on_both_stores {
 on_both_stores!(
     every_rpc_and_role_gets_its_answer,
     cross_tenant_calls_read_nothing_change_nothing_and_look_alike,
-    admin_calls_need_the_admin_role_over_what_they_touch
+    admin_calls_need_the_admin_role_over_what_they_touch,
+    the_client_crates_bearer_token_is_what_the_server_judges
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -195,3 +195,42 @@ async fn held_open(socket: &mut tokio::net::TcpStream) -> bool {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_beyond_max_waiting_answer_in_progress_at_once_and_the_waiters_get_the_response() {
+    let server = TestServer::start_with(|config| config.max_waiting = 2).await;
+    let mut client = server.client().await;
+    let holder = claim_acquired(&mut client, "held").await;
+    let waiting: Vec<_> = (0..5)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut request = claim_request("held", b"fp");
+                request.wait = Some(secs(10));
+                outcome(client.claim(request).await.unwrap().into_inner())
+            })
+        })
+        .collect();
+    // Two park; the three beyond --max-waiting answer at once, without waiting (the manual
+    // clock does not move, so a wait could only end by the holder's Complete).
+    while server.coordinator().waiting_claims() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut answered_at_once = 0;
+    for _ in 0..200 {
+        answered_at_once = waiting.iter().filter(|task| task.is_finished()).count();
+        if answered_at_once == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!((answered_at_once, server.coordinator().waiting_claims()), (3, 2));
+    client.complete(complete_request("held", &holder.lease_token, b"done")).await.unwrap();
+    let mut outcomes = Vec::new();
+    for task in waiting {
+        outcomes.push(task.await.unwrap());
+    }
+    let in_progress = outcomes.iter().filter(|o| matches!(o, pb::claim_response::Outcome::InProgress(_))).count();
+    let completed = outcomes.iter().filter(|o| matches!(o, pb::claim_response::Outcome::Completed(_))).count();
+    assert_eq!((in_progress, completed), (3, 2));
+}
