@@ -174,3 +174,56 @@ async fn certificates_rotate_under_load_without_a_lost_call_or_a_dropped_connect
     server.signal("-INT");
     assert!(server.child.wait().unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_mismatched_key_keeps_the_old_certificate_and_a_new_client_ca_applies() {
+    let pki = Pki::new("ca");
+    let next_ca = Pki::new("next-ca");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, client_ca) = (dir.path().join("cert.pem"), dir.path().join("key.pem"), dir.path().join("ca.pem"));
+    let first = pki.server("first");
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+    std::fs::copy(&pki.ca_cert, &client_ca).unwrap();
+    let auth = write_auth_file(
+        dir.path(),
+        "[[certificate]]\nsubject = \"CN=refunds-api\"\nnamespaces = [\"refunds\"]\nrole = \"write\"\n",
+    );
+    let flags: Vec<String> = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--tls-client-ca",
+        client_ca.to_str().unwrap(),
+        "--auth-file",
+        auth.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|flag| flag.to_string())
+    .collect();
+    let server = start(dir.path(), &flags);
+    let old_client = pki.client("refunds", "refunds-api", &[]);
+    let new_client = next_ca.client("refunds-next", "refunds-api", &[]);
+    reaches_the_contract(tls_client(&server, &pki.ca_cert, Some(&old_client)).await, "refunds").await.unwrap();
+
+    // A certificate whose key is not the key file's: refused, the old pair stays in force.
+    let other = pki.server("other");
+    std::fs::copy(&other.cert, &cert).unwrap();
+    server.signal("-HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reaches_the_contract(tls_client(&server, &pki.ca_cert, Some(&old_client)).await, "refunds")
+        .await
+        .expect("the old certificate still serves new connections");
+
+    // A new client CA: certificates it signed are accepted from then on, the old CA's are not.
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&next_ca.ca_cert, &client_ca).unwrap();
+    server.signal("-HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reaches_the_contract(tls_client(&server, &pki.ca_cert, Some(&new_client)).await, "refunds")
+        .await
+        .expect("a certificate of the new client CA");
+    let old = reaches_the_contract(tls_client(&server, &pki.ca_cert, Some(&old_client)).await, "refunds").await;
+    assert!(old.is_err(), "a certificate of the replaced client CA is refused in the handshake");
+}
