@@ -53,6 +53,11 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_STORE", hide_env_values = true)]
     pub store: Option<String>,
 
+    /// A file holding the PostgreSQL password (its first line), for a --store URL without one:
+    /// the password then appears neither on a command line nor in an environment.
+    #[arg(long, env = "IDEMPOTENCY_STORE_PASSWORD_FILE", requires = "store")]
+    pub store_password_file: Option<PathBuf>,
+
     /// PostgreSQL schema of the store's tables and functions; created and migrated on start.
     /// Deployments sharing one database keep apart by using different schemas.
     #[arg(long, env = "IDEMPOTENCY_POSTGRES_SCHEMA", default_value = "idempotency")]
@@ -581,6 +586,22 @@ impl Config {
                 wal_file_bytes: self.wal_file_mb * 1024 * 1024,
             })),
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                let password = match &self.store_password_file {
+                    None => None,
+                    Some(path) => {
+                        let text = std::fs::read_to_string(path).map_err(|error| {
+                            ConfigError(format!("--store-password-file {}: {error}", path.display()))
+                        })?;
+                        let line = text.lines().next().unwrap_or("").to_owned();
+                        if line.is_empty() {
+                            return Err(ConfigError(format!(
+                                "--store-password-file {}: the file's first line is empty",
+                                path.display()
+                            )));
+                        }
+                        Some(idempotency_store_postgres::Password(line))
+                    }
+                };
                 Ok(StoreChoice::Postgres(PostgresOptions {
                     url: url.clone(),
                     schema: self.postgres_schema.clone(),
@@ -588,6 +609,7 @@ impl Config {
                     timeout: self.postgres_timeout,
                     max_records: self.max_records,
                     time: TimeSource::Database,
+                    password,
                 }))
             }
             Some(other) => Err(ConfigError(format!(
@@ -604,6 +626,29 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
         Config::try_parse_from(std::iter::once("idempotency-coordinator").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_database_password_comes_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "s3cret\nignored\n").unwrap();
+        let file = file.to_str().unwrap();
+        let url = "postgres://app@db/x";
+        let Ok(StoreChoice::Postgres(options)) =
+            parse(&["--store", url, "--store-password-file", file]).unwrap().store_choice()
+        else {
+            panic!("a PostgreSQL store")
+        };
+        assert_eq!(options.password.map(|password| password.0).as_deref(), Some("s3cret"));
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        let empty = dir.path().join("empty");
+        let missing = dir.path().join("missing");
+        for path in [&empty, &missing] {
+            let config = parse(&["--store", url, "--store-password-file", path.to_str().unwrap()]).unwrap();
+            assert!(config.store_choice().is_err(), "{}", path.display());
+        }
+        assert!(parse(&["--store-password-file", file]).is_err(), "only with --store");
     }
 
     #[test]

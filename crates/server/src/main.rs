@@ -62,6 +62,7 @@ async fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
         timeout: std::time::Duration::from_secs(60),
         max_records: u64::MAX,
         time: TimeSource::Database,
+        password: None,
     };
     let report = idempotency_coordinator::migrate::sled_to_postgres(&args.from, &to, SystemClock.now()).await?;
     let import = report.import;

@@ -43,6 +43,9 @@ pub(crate) fn connection_config(options: &PostgresOptions) -> Result<tokio_postg
     }
     let mut config: tokio_postgres::Config =
         options.url.parse().map_err(|error| PostgresOpenError::Config(format!("{}: {error}", redact(&options.url))))?;
+    if let Some(password) = &options.password {
+        config.password(password.0.as_bytes());
+    }
     let timeout_ms = options.timeout.as_millis().max(1);
     config
         .options(format!("-c search_path={} -c statement_timeout={timeout_ms}", options.schema))

@@ -41,4 +41,4 @@ mod store;
 
 pub use connection::PostgresOpenError;
 pub use import::{ImportError, ImportReport, import};
-pub use store::{PostgresOptions, PostgresStore, TimeSource};
+pub use store::{Password, PostgresOptions, PostgresStore, TimeSource};

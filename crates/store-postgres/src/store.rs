@@ -56,6 +56,19 @@ pub struct PostgresOptions {
     pub max_records: u64,
     /// Where time comes from.
     pub time: TimeSource,
+    /// The password, when it is not in `url` (read from a file by the caller, so that it appears
+    /// neither on a command line nor in an environment).
+    pub password: Option<Password>,
+}
+
+/// A database password: shown as `<redacted>` by `Debug`.
+#[derive(Clone)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Records in PostgreSQL, shared by every replica pointed at the same database and schema.
@@ -524,6 +537,22 @@ mod tests {
         for bad in ["", "2x", "Upper", "a-b", "a.b", "x\"; DROP TABLE y", &"a".repeat(49)] {
             assert!(!valid_schema_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_password_given_apart_is_used_and_never_shown() {
+        let options = PostgresOptions {
+            url: "postgres://app@db:5432/x".to_owned(),
+            schema: "idempotency".to_owned(),
+            pool_size: 1,
+            timeout: Duration::from_secs(1),
+            max_records: 10,
+            time: TimeSource::Database,
+            password: Some(Password("s3cret".to_owned())),
+        };
+        let config = crate::connection::connection_config(&options).unwrap();
+        assert_eq!(config.get_password(), Some(&b"s3cret"[..]));
+        assert!(!format!("{options:?}").contains("s3cret"));
     }
 
     #[test]

@@ -228,6 +228,7 @@ async fn the_sql_functions_decide_and_store_exactly_as_the_state_machine() {
         timeout: Duration::from_secs(30),
         max_records: u64::MAX,
         time: TimeSource::Caller,
+        password: None,
     };
     let store = PostgresStore::open(&options, Arc::new(SystemClock), Arc::new(AtomicI64::new(0))).await.unwrap();
     let namespace = Namespace::parse("differential").unwrap();

@@ -240,6 +240,7 @@ pub(crate) mod reference {
                     timeout: Duration::from_secs(10),
                     max_records: 1000,
                     time: TimeSource::Caller,
+                    password: None,
                 };
                 let local: std::sync::Arc<dyn Clock> = std::sync::Arc::new(SystemClock);
                 let store = PostgresStore::open(&options, local, Default::default()).await.expect("PostgreSQL opens");
