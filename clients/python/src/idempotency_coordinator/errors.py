@@ -20,8 +20,8 @@ metadata ``grpc-status-details-bin``. :func:`error_from_rpc` turns it into one o
 - :class:`InProgressError` and :class:`Failed` come from :meth:`Idempotent.run
   <idempotency_coordinator.Idempotent.run>`: the key is held elsewhere, or the work failed.
 
-A refused call changes nothing stored. When the status carries a ``google.rpc.RetryInfo`` (``OVERLOADED``
-does), :attr:`Error.retry_after` gives its delay.
+A refused call changes nothing stored. When the status carries a ``google.rpc.RetryInfo``
+(``OVERLOADED`` does), :attr:`Error.retry_after` gives its delay.
 """
 
 from __future__ import annotations
