@@ -213,7 +213,13 @@ impl LazyFs {
             .map_err(|error| failed(io::Error::new(io::ErrorKind::InvalidInput, error)))?;
         // SAFETY: `path` is a NUL-terminated string.
         if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
-            return session.join().map_err(failed);
+            // The unmount ends the session's connection: its read of /dev/fuse then fails with
+            // ENODEV, or with ECONNABORTED when the kernel aborted requests still in flight (a
+            // killed process's). Either way the session is over and the mount gone.
+            return match session.join() {
+                Err(error) if error.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+                ended => ended.map_err(failed),
+            };
         }
         let error = io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::EBUSY) {
