@@ -249,51 +249,41 @@ impl<S: Maintenance> pb::admin_server::Admin for AdminService<S> {
         let now = coordinator.now();
         tokio::spawn(async move {
             let _in_flight = in_flight;
-            let export = coordinator.store().export(namespace.as_ref(), now, records);
-            tokio::pin!(export);
-            let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
-            snapshot::encode_header(&mut chunk, 0);
-            let mut count = 0u64;
-            // Records are encoded as the store reads them; the floor comes when it is done.
-            let floor = loop {
-                tokio::select! {
-                    record = read.recv() => {
-                        // The store dropped its sender: it is done, or about to be.
-                        let Some((namespace, key, record)) = record else { break (&mut export).await };
-                        if let Err(reason) = snapshot::encode_entry(&mut chunk, &namespace, &key, &record) {
-                            tracing::error!(%reason, "a record cannot be exported");
-                            let _ = chunks.send(Err(store_error(StoreError::Corrupt(reason)))).await;
-                            return;
-                        }
-                        count += 1;
-                        if chunk.len() >= CHUNK_BYTES {
-                            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES + 4096));
-                            if chunks.send(Ok(pb::ExportResponse { chunk: full })).await.is_err() {
-                                return;
-                            }
+            // Records are encoded as the store reads them; its sender goes when it is done, and
+            // a stopped encoder drops the receiver, which stops the store.
+            let encoder = chunks.clone();
+            let encode = async move {
+                let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
+                snapshot::encode_header(&mut chunk, 0);
+                let mut count = 0u64;
+                while let Some((namespace, key, record)) = read.recv().await {
+                    if let Err(reason) = snapshot::encode_entry(&mut chunk, &namespace, &key, &record) {
+                        tracing::error!(%reason, "a record cannot be exported");
+                        return Err(store_error(StoreError::Corrupt(reason)));
+                    }
+                    count += 1;
+                    if chunk.len() >= CHUNK_BYTES {
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES + 4096));
+                        if encoder.send(Ok(pb::ExportResponse { chunk: full })).await.is_err() {
+                            return Ok(None);
                         }
                     }
-                    floor = &mut export => break floor,
+                }
+                Ok(Some((chunk, count)))
+            };
+            let export = coordinator.store().export(namespace.as_ref(), now, records);
+            let last = match tokio::join!(export, encode) {
+                // The client went away.
+                (_, Ok(None)) => return,
+                (_, Err(status)) => Err(status),
+                (Err(error), _) => Err(store_error(error)),
+                (Ok(floor), Ok(Some((mut chunk, count)))) => {
+                    snapshot::encode_trailer(&mut chunk, count, floor);
+                    tracing::info!(records = count, fencing_floor = floor, "exported");
+                    Ok(pb::ExportResponse { chunk })
                 }
             };
-            let floor = match floor {
-                Ok(floor) => floor,
-                Err(error) => {
-                    let _ = chunks.send(Err(store_error(error))).await;
-                    return;
-                }
-            };
-            // What the store sent before it returned.
-            while let Ok((namespace, key, record)) = read.try_recv() {
-                if let Err(reason) = snapshot::encode_entry(&mut chunk, &namespace, &key, &record) {
-                    let _ = chunks.send(Err(store_error(StoreError::Corrupt(reason)))).await;
-                    return;
-                }
-                count += 1;
-            }
-            snapshot::encode_trailer(&mut chunk, count, floor);
-            let _ = chunks.send(Ok(pb::ExportResponse { chunk })).await;
-            tracing::info!(records = count, fencing_floor = floor, "exported");
+            let _ = chunks.send(last).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(sent))))
     }

@@ -286,12 +286,7 @@ fn install_export(file: File, temporary: &Path, output: &Path, expected: u64) ->
     let mut progress = Progress::new("check", Some(expected));
     let snapshot = SnapshotReader::read_all(temporary, |_| progress.inc())?;
     progress.finish();
-    std::fs::rename(temporary, output).map_err(file_error(output))?;
-    let directory = match output.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    File::open(directory).and_then(|directory| directory.sync_all()).map_err(file_error(directory))?;
+    crate::snapshot::move_into_place(temporary, output).map_err(file_error(output))?;
     Ok((snapshot.records.len() as u64, snapshot.fencing_floor))
 }
 

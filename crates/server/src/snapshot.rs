@@ -112,6 +112,12 @@ pub fn create_private(path: &Path) -> io::Result<File> {
 /// `path` is then either as it was or whole.
 pub fn install(file: File, temporary: &Path, path: &Path) -> io::Result<()> {
     file.sync_all()?;
+    move_into_place(temporary, path)
+}
+
+/// Renames the synced file `temporary` to `path` and syncs the directory, so that the rename
+/// itself survives a crash.
+pub fn move_into_place(temporary: &Path, path: &Path) -> io::Result<()> {
     std::fs::rename(temporary, path)?;
     let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
     File::open(directory).and_then(|directory| directory.sync_all())
