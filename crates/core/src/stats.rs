@@ -97,6 +97,8 @@ pub struct StoreStats {
     pub disk_bytes: Option<u64>,
     /// How long each database statement took, in seconds (PostgreSQL).
     pub statement_seconds: Option<HistogramSnapshot>,
+    /// How many Claims or Completes each database statement carried (PostgreSQL batches).
+    pub statement_batch_size: Option<HistogramSnapshot>,
     /// The connection pool (PostgreSQL).
     pub pool: Option<PoolStats>,
     /// Times the LISTEN connection was opened again after it failed (PostgreSQL).

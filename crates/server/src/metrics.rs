@@ -601,6 +601,14 @@ impl<S: Store> prometheus_client::collector::Collector for StateCollector<S> {
                 statements,
             )?;
         }
+        if let Some(batches) = &stats.statement_batch_size {
+            histogram(
+                &mut encoder,
+                "idempotency_postgres_batch_size",
+                "Claims or Completes sent in each database statement (one transaction, one commit)",
+                batches,
+            )?;
+        }
         if let Some(pool) = stats.pool {
             labelled_gauges(
                 &mut encoder,

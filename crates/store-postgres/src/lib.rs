@@ -30,6 +30,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+mod batch;
 mod codes;
 mod connection;
 mod import;

@@ -8,6 +8,7 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "lapsed leases kept a retention", include_str!("sql/0002_lapsed_leases_kept.sql")),
     (3, "records counted per namespace", include_str!("sql/0003_namespace_quotas.sql")),
     (4, "fewer statements per Claim and Complete", include_str!("sql/0004_fewer_statements.sql")),
+    (5, "Claims and Completes in batches", include_str!("sql/0005_batches.sql")),
 ];
 
 /// The NOTIFY channel of a schema's key changes.

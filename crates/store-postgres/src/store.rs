@@ -10,9 +10,9 @@ use idempotency_core::clock::Clock;
 use idempotency_core::domain::machine::{self, MAX_RETRY_AFTER};
 use idempotency_core::domain::{
     Claim, ClaimOutcome, Complete, CompleteOutcome, Grant, Key, KeyView, Namespace, Release, Renew, RenewOutcome,
-    Replay, RequestId, Timestamp,
+    Replay, Timestamp,
 };
-use idempotency_core::stats::{AtomicHistogram, PoolStats, STATEMENT_SECONDS_BOUNDS, StoreStats};
+use idempotency_core::stats::{AtomicHistogram, BATCH_SIZE_BOUNDS, PoolStats, STATEMENT_SECONDS_BOUNDS, StoreStats};
 use idempotency_core::store::{Store, StoreError, SweepReport, Wakeup};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, watch};
@@ -21,8 +21,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::{self, Batched, Failed, Queue};
 use crate::codes::OutcomeCode;
-use crate::connection::{PostgresOpenError, connection_config, database_error, describe};
+use crate::connection::{PostgresOpenError, connection_config, describe};
 use crate::listen::listen_task;
 use crate::rows::{Outcome, corrupt, encode_response, millis, record_from_row};
 use crate::schema::{MigrateError, channel, migrate};
@@ -98,6 +99,11 @@ pub(crate) struct PoolState {
     statements: AtomicHistogram,
     /// Times the LISTEN connection was opened again.
     listen_reconnects: Arc<AtomicU64>,
+    /// Claims and Completes waiting for a batch (see [`crate::batch`]).
+    claims: Queue<ClaimItem>,
+    completes: Queue<CompleteItem>,
+    /// How many items each Claim or Complete statement carried.
+    batch_sizes: AtomicHistogram,
 }
 
 impl PostgresStore {
@@ -163,6 +169,9 @@ impl PostgresStore {
                 quotas: RwLock::new(HashMap::new()),
                 statements: AtomicHistogram::new(STATEMENT_SECONDS_BOUNDS),
                 listen_reconnects: Arc::new(AtomicU64::new(0)),
+                claims: Queue::default(),
+                completes: Queue::default(),
+                batch_sizes: AtomicHistogram::new(BATCH_SIZE_BOUNDS),
             }),
         };
         store.inner.check_health().await;
@@ -238,6 +247,17 @@ impl PoolState {
     }
 
     async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, StoreError> {
+        let rows = self.query(sql, params).await.map_err(|failed| failed.error)?;
+        let count = rows.len();
+        let mut rows = rows.into_iter();
+        match (rows.next(), rows.next()) {
+            (Some(row), None) => Ok(row),
+            _ => Err(StoreError::Corrupt(format!("a statement returned {count} rows where one was expected"))),
+        }
+    }
+
+    /// Runs one statement on a pooled connection, within the store's timeout.
+    pub(crate) async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Failed> {
         let call = async {
             let client = self
                 .pool
@@ -245,17 +265,17 @@ impl PoolState {
                 .await
                 .map_err(|error| StoreError::unavailable_because("no database connection", error))?;
             let started = std::time::Instant::now();
-            let statement = client.prepare_cached(sql).await.map_err(database_error)?;
-            let row = client.query_one(&statement, params).await.map_err(database_error);
+            let statement = client.prepare_cached(sql).await.map_err(Failed::from_database)?;
+            let rows = client.query(&statement, params).await.map_err(Failed::from_database);
             self.statements.observe_duration(started.elapsed());
-            row
+            rows
         };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::unavailable(format!(
+            Err(_) => Err(Failed::from(StoreError::unavailable(format!(
                 "the database did not answer within {}",
                 humantime::format_duration(self.timeout)
-            ))),
+            )))),
         }
     }
 
@@ -298,13 +318,149 @@ impl PoolState {
     }
 }
 
-const CLAIM: &str = "SELECT * FROM claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+const CLAIM: &str = "SELECT * FROM claim_core($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL)";
+const CLAIM_MANY: &str = "SELECT * FROM claim_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 const COMPLETE: &str = "SELECT * FROM complete($1, $2, $3, $4, $5, $6)";
+const COMPLETE_MANY: &str = "SELECT * FROM complete_many($1, $2, $3, $4, $5, $6)";
 const RENEW: &str = "SELECT * FROM renew($1, $2, $3, $4, $5)";
 const RELEASE: &str = "SELECT * FROM release($1, $2, $3, $4)";
 const LOOKUP: &str = "SELECT now_ms($3) AS now_ms, r.* FROM (SELECT 1) AS one
     LEFT JOIN records r ON r.namespace = $1 AND r.key = $2";
 const SWEEP: &str = "SELECT sweep($1, $2)";
+
+/// A Claim waiting for its batch: the arguments of `claim_core`, but the store's limit, which is
+/// the batch's.
+pub(crate) struct ClaimItem {
+    namespace: String,
+    key: String,
+    now: Option<i64>,
+    fingerprint: Vec<u8>,
+    lease_ms: i64,
+    retention_ms: i64,
+    request_id: Option<String>,
+    owner: String,
+    token: uuid::Uuid,
+    namespace_max: Option<i64>,
+    wait: bool,
+}
+
+impl Batched for ClaimItem {
+    type State = PoolState;
+    type Output = Row;
+
+    fn queue(state: &PoolState) -> &Queue<Self> {
+        &state.claims
+    }
+
+    fn observe(state: &PoolState, items: usize) {
+        state.batch_sizes.observe(items as f64);
+    }
+
+    fn position(row: &Row) -> Option<usize> {
+        row.try_get::<_, i32>("item").ok().and_then(|item| usize::try_from(item).ok())
+    }
+
+    async fn one(state: &PoolState, item: &Self) -> Result<Row, StoreError> {
+        state
+            .query_one(
+                CLAIM,
+                &[
+                    &item.namespace,
+                    &item.key,
+                    &item.now,
+                    &item.fingerprint,
+                    &item.lease_ms,
+                    &item.retention_ms,
+                    &item.request_id,
+                    &item.owner,
+                    &item.token,
+                    &state.max_records_param(),
+                    &item.namespace_max,
+                    &item.wait,
+                ],
+            )
+            .await
+    }
+
+    async fn many(state: &PoolState, items: &[Self]) -> Result<Vec<Row>, Failed> {
+        let namespaces: Vec<&str> = items.iter().map(|item| item.namespace.as_str()).collect();
+        let keys: Vec<&str> = items.iter().map(|item| item.key.as_str()).collect();
+        let nows: Vec<Option<i64>> = items.iter().map(|item| item.now).collect();
+        let fingerprints: Vec<&[u8]> = items.iter().map(|item| item.fingerprint.as_slice()).collect();
+        let leases: Vec<i64> = items.iter().map(|item| item.lease_ms).collect();
+        let retentions: Vec<i64> = items.iter().map(|item| item.retention_ms).collect();
+        let request_ids: Vec<Option<&str>> = items.iter().map(|item| item.request_id.as_deref()).collect();
+        let owners: Vec<&str> = items.iter().map(|item| item.owner.as_str()).collect();
+        let tokens: Vec<uuid::Uuid> = items.iter().map(|item| item.token).collect();
+        let namespace_maxes: Vec<Option<i64>> = items.iter().map(|item| item.namespace_max).collect();
+        let waits: Vec<bool> = items.iter().map(|item| item.wait).collect();
+        state
+            .query(
+                CLAIM_MANY,
+                &[
+                    &namespaces,
+                    &keys,
+                    &nows,
+                    &fingerprints,
+                    &leases,
+                    &retentions,
+                    &request_ids,
+                    &owners,
+                    &tokens,
+                    &state.max_records_param(),
+                    &namespace_maxes,
+                    &waits,
+                ],
+            )
+            .await
+    }
+}
+
+/// A Complete waiting for its batch: the arguments of `complete`.
+pub(crate) struct CompleteItem {
+    namespace: String,
+    key: String,
+    now: Option<i64>,
+    token: uuid::Uuid,
+    response: Vec<u8>,
+    retention_ms: Option<i64>,
+}
+
+impl Batched for CompleteItem {
+    type State = PoolState;
+    type Output = Row;
+
+    fn queue(state: &PoolState) -> &Queue<Self> {
+        &state.completes
+    }
+
+    fn observe(state: &PoolState, items: usize) {
+        state.batch_sizes.observe(items as f64);
+    }
+
+    fn position(row: &Row) -> Option<usize> {
+        row.try_get::<_, i32>("item").ok().and_then(|item| usize::try_from(item).ok())
+    }
+
+    async fn one(state: &PoolState, item: &Self) -> Result<Row, StoreError> {
+        state
+            .query_one(
+                COMPLETE,
+                &[&item.namespace, &item.key, &item.now, &item.token, &item.response, &item.retention_ms],
+            )
+            .await
+    }
+
+    async fn many(state: &PoolState, items: &[Self]) -> Result<Vec<Row>, Failed> {
+        let namespaces: Vec<&str> = items.iter().map(|item| item.namespace.as_str()).collect();
+        let keys: Vec<&str> = items.iter().map(|item| item.key.as_str()).collect();
+        let nows: Vec<Option<i64>> = items.iter().map(|item| item.now).collect();
+        let tokens: Vec<uuid::Uuid> = items.iter().map(|item| item.token).collect();
+        let responses: Vec<&[u8]> = items.iter().map(|item| item.response.as_slice()).collect();
+        let retentions: Vec<Option<i64>> = items.iter().map(|item| item.retention_ms).collect();
+        state.query(COMPLETE_MANY, &[&namespaces, &keys, &nows, &tokens, &responses, &retentions]).await
+    }
+}
 
 impl Store for PostgresStore {
     async fn claim(
@@ -318,25 +474,20 @@ impl Store for PostgresStore {
         let inner = &self.inner;
         let namespace_max =
             inner.quotas.read().get(namespace.as_str()).map(|max| i64::try_from(*max).unwrap_or(i64::MAX));
-        let row = inner
-            .query_one(
-                CLAIM,
-                &[
-                    &namespace.as_str(),
-                    &key.as_str(),
-                    &inner.now_param(now),
-                    &command.fingerprint.as_bytes(),
-                    &millis(command.lease_ttl),
-                    &millis(command.retention),
-                    &command.request_id.as_ref().map(RequestId::as_str),
-                    &command.owner.as_str(),
-                    &command.new_lease_token.as_uuid(),
-                    &inner.max_records_param(),
-                    &namespace_max,
-                    &waiting,
-                ],
-            )
-            .await?;
+        let item = ClaimItem {
+            namespace: namespace.as_str().to_owned(),
+            key: key.as_str().to_owned(),
+            now: inner.now_param(now),
+            fingerprint: command.fingerprint.as_bytes().to_vec(),
+            lease_ms: millis(command.lease_ttl),
+            retention_ms: millis(command.retention),
+            request_id: command.request_id.as_ref().map(|id| id.as_str().to_owned()),
+            owner: command.owner.as_str().to_owned(),
+            token: command.new_lease_token.as_uuid(),
+            namespace_max,
+            wait: waiting,
+        };
+        let row = batch::submit(inner, item).await?;
         let outcome = Outcome(&row);
         if let Some(rejection) = outcome.rejection() {
             return Err(rejection);
@@ -380,20 +531,15 @@ impl Store for PostgresStore {
         command: Complete,
     ) -> Result<CompleteOutcome, StoreError> {
         let inner = &self.inner;
-        let response = encode_response(&command.response);
-        let row = inner
-            .query_one(
-                COMPLETE,
-                &[
-                    &namespace.as_str(),
-                    &key.as_str(),
-                    &inner.now_param(now),
-                    &command.lease_token.as_uuid(),
-                    &response,
-                    &command.retention.map(millis),
-                ],
-            )
-            .await?;
+        let item = CompleteItem {
+            namespace: namespace.as_str().to_owned(),
+            key: key.as_str().to_owned(),
+            now: inner.now_param(now),
+            token: command.lease_token.as_uuid(),
+            response: encode_response(&command.response),
+            retention_ms: command.retention.map(millis),
+        };
+        let row = batch::submit(inner, item).await?;
         let outcome = Outcome(&row);
         if let Some(rejection) = outcome.rejection() {
             return Err(rejection);
@@ -494,6 +640,7 @@ impl Store for PostgresStore {
         let pool = self.inner.pool.status();
         StoreStats {
             statement_seconds: Some(self.inner.statements.snapshot()),
+            statement_batch_size: Some(self.inner.batch_sizes.snapshot()),
             pool: Some(PoolStats {
                 size: pool.size as u64,
                 in_use: pool.size.saturating_sub(pool.available) as u64,
