@@ -49,25 +49,31 @@ impl From<StoreError> for Failed {
     }
 }
 
-/// A kind of call that can be batched.
-pub(crate) trait Batched: Sized + Send + Sync + 'static {
-    /// What the calls run against.
-    type State: Send + Sync + 'static;
-    /// One item's outcome (a row of the database's).
+/// What batches are sent to.
+pub(crate) trait Database: Send + Sync + 'static {
+    /// One item's outcome (a row).
     type Output: Send + 'static;
-    /// The queue of this kind.
-    fn queue(state: &Self::State) -> &Queue<Self>;
     /// Counts a batch of `items`, for the metrics.
-    fn observe(state: &Self::State, items: usize);
-    /// Sends one item as a single call.
-    fn one(state: &Self::State, item: &Self) -> impl Future<Output = Result<Self::Output, StoreError>> + Send;
-    /// Sends several items as one statement: one outcome per item, in any order.
-    fn many(state: &Self::State, items: &[Self]) -> impl Future<Output = Result<Vec<Self::Output>, Failed>> + Send;
+    fn observe(&self, items: usize);
     /// The position (from 1) of the item an outcome of [`Batched::many`] belongs to.
     fn position(output: &Self::Output) -> Option<usize>;
 }
 
-type Reply<I> = oneshot::Sender<Result<<I as Batched>::Output, StoreError>>;
+type Output<I> = <<I as Batched>::State as Database>::Output;
+
+/// A kind of call that can be batched.
+pub(crate) trait Batched: Sized + Send + Sync + 'static {
+    /// What the calls run against.
+    type State: Database;
+    /// The queue of this kind.
+    fn queue(state: &Self::State) -> &Queue<Self>;
+    /// Sends one item as a single call.
+    fn one(state: &Self::State, item: &Self) -> impl Future<Output = Result<Output<Self>, StoreError>> + Send;
+    /// Sends several items as one statement: one outcome per item, in any order.
+    fn many(state: &Self::State, items: &[Self]) -> impl Future<Output = Result<Vec<Output<Self>>, Failed>> + Send;
+}
+
+type Reply<I> = oneshot::Sender<Result<Output<I>, StoreError>>;
 
 /// The items waiting for a batch, and how many batches run.
 pub(crate) struct Queue<I: Batched> {
@@ -86,7 +92,7 @@ impl<I: Batched> Default for Queue<I> {
 }
 
 /// Sends `item` in the next batch of its kind; its outcome.
-pub(crate) async fn submit<I: Batched>(state: &Arc<I::State>, item: I) -> Result<I::Output, StoreError> {
+pub(crate) async fn submit<I: Batched>(state: &Arc<I::State>, item: I) -> Result<Output<I>, StoreError> {
     let (reply, answer) = oneshot::channel();
     let start = {
         let mut queue = I::queue(state).inner.lock();
@@ -117,7 +123,7 @@ async fn run_batches<I: Batched>(state: Arc<I::State>) {
             queue.waiting.drain(..count).collect()
         };
         let (items, replies): (Vec<I>, Vec<Reply<I>>) = taken.into_iter().unzip();
-        I::observe(&state, items.len());
+        state.observe(items.len());
         for (reply, result) in replies.into_iter().zip(run::<I>(&state, &items).await) {
             // The caller may have gone away; its outcome stands regardless.
             let _ = reply.send(result);
@@ -126,15 +132,15 @@ async fn run_batches<I: Batched>(state: Arc<I::State>) {
 }
 
 /// Sends `items`; one result per item, in their order.
-async fn run<I: Batched>(state: &I::State, items: &[I]) -> Vec<Result<I::Output, StoreError>> {
+async fn run<I: Batched>(state: &I::State, items: &[I]) -> Vec<Result<Output<I>, StoreError>> {
     if let [item] = items {
         return vec![I::one(state, item).await];
     }
     match I::many(state, items).await {
         Ok(outputs) => {
-            let mut results: Vec<Option<I::Output>> = items.iter().map(|_| None).collect();
+            let mut results: Vec<Option<Output<I>>> = items.iter().map(|_| None).collect();
             for output in outputs {
-                if let Some(slot) = I::position(&output).and_then(|at| results.get_mut(at.wrapping_sub(1))) {
+                if let Some(slot) = I::State::position(&output).and_then(|at| results.get_mut(at.wrapping_sub(1))) {
                     *slot = Some(output);
                 }
             }
@@ -192,15 +198,22 @@ mod tests {
 
     struct Item(u32);
 
+    impl Database for Fake {
+        type Output = (usize, u32);
+
+        fn observe(&self, _: usize) {}
+
+        fn position(output: &(usize, u32)) -> Option<usize> {
+            Some(output.0)
+        }
+    }
+
     impl Batched for Item {
         type State = Fake;
-        type Output = (usize, u32);
 
         fn queue(state: &Fake) -> &Queue<Item> {
             &state.queue
         }
-
-        fn observe(_: &Fake, _: usize) {}
 
         async fn one(state: &Fake, item: &Item) -> Result<(usize, u32), StoreError> {
             state.sent.lock().push(vec![item.0]);
@@ -217,10 +230,6 @@ mod tests {
             }
             // In another order than sent, as `claim_many` returns them (by key).
             Ok(items.iter().enumerate().rev().map(|(at, item)| (at + 1, item.0 * 10)).collect())
-        }
-
-        fn position(output: &(usize, u32)) -> Option<usize> {
-            Some(output.0)
         }
     }
 

@@ -21,7 +21,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{self, Batched, Failed, Queue};
+use crate::batch::{self, Batched, Database, Failed, Queue};
 use crate::codes::OutcomeCode;
 use crate::connection::{PostgresOpenError, connection_config, describe};
 use crate::listen::listen_task;
@@ -328,6 +328,18 @@ const LOOKUP: &str = "SELECT now_ms($3) AS now_ms, r.* FROM (SELECT 1) AS one
     LEFT JOIN records r ON r.namespace = $1 AND r.key = $2";
 const SWEEP: &str = "SELECT sweep($1, $2)";
 
+impl Database for PoolState {
+    type Output = Row;
+
+    fn observe(&self, items: usize) {
+        self.batch_sizes.observe(items as f64);
+    }
+
+    fn position(row: &Row) -> Option<usize> {
+        row.try_get::<_, i32>("item").ok().and_then(|item| usize::try_from(item).ok())
+    }
+}
+
 /// A Claim waiting for its batch: the arguments of `claim_core`, but the store's limit, which is
 /// the batch's.
 pub(crate) struct ClaimItem {
@@ -346,18 +358,9 @@ pub(crate) struct ClaimItem {
 
 impl Batched for ClaimItem {
     type State = PoolState;
-    type Output = Row;
 
     fn queue(state: &PoolState) -> &Queue<Self> {
         &state.claims
-    }
-
-    fn observe(state: &PoolState, items: usize) {
-        state.batch_sizes.observe(items as f64);
-    }
-
-    fn position(row: &Row) -> Option<usize> {
-        row.try_get::<_, i32>("item").ok().and_then(|item| usize::try_from(item).ok())
     }
 
     async fn one(state: &PoolState, item: &Self) -> Result<Row, StoreError> {
@@ -428,18 +431,9 @@ pub(crate) struct CompleteItem {
 
 impl Batched for CompleteItem {
     type State = PoolState;
-    type Output = Row;
 
     fn queue(state: &PoolState) -> &Queue<Self> {
         &state.completes
-    }
-
-    fn observe(state: &PoolState, items: usize) {
-        state.batch_sizes.observe(items as f64);
-    }
-
-    fn position(row: &Row) -> Option<usize> {
-        row.try_get::<_, i32>("item").ok().and_then(|item| usize::try_from(item).ok())
     }
 
     async fn one(state: &PoolState, item: &Self) -> Result<Row, StoreError> {
