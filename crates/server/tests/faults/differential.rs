@@ -276,3 +276,79 @@ async fn the_sql_functions_decide_and_store_exactly_as_the_state_machine() {
     assert!(batches.sum as u64 > batches.count, "no statement carried more than one call: batches went untested");
     store.close().await.unwrap();
 }
+
+/// During a rolling upgrade, replicas of the previous release call `claim` (since migration 5 a
+/// wrapper of `claim_core`, which this release calls) on the migrated schema: for random Claim
+/// cases, each with its record stored under two keys, the old statement and the store decide
+/// alike and store the same record (but for the fencing token each drew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_previous_releases_claim_decides_as_the_store_does() {
+    let Some((url, schema)) = postgres_schema().await else { return };
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let options = PostgresOptions {
+        url: url.clone(),
+        schema: schema.clone(),
+        pool_size: 2,
+        timeout: Duration::from_secs(30),
+        max_records: u64::MAX,
+        time: TimeSource::Caller,
+        password: None,
+    };
+    let store = PostgresStore::open(&options, Arc::new(SystemClock), Arc::new(AtomicI64::new(0))).await.unwrap();
+    let (old_release, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    old_release.batch_execute(&format!("SET search_path TO {schema}")).await.unwrap();
+    let namespace = Namespace::parse("previous").unwrap();
+    let mut rng = Rng(seed);
+    let mut cases = Vec::new();
+    while cases.len() < 300 {
+        let case = random_case(&mut rng, cases.len());
+        if matches!(case.command, Command::Claim(_)) {
+            cases.push(case);
+        }
+    }
+    let twin = |case: &Case| Key::parse(&format!("{}-old", case.key.as_str())).unwrap();
+    let records = cases.iter().flat_map(|case| {
+        case.record.clone().into_iter().flat_map(|record| {
+            [(namespace.clone(), case.key.clone(), record.clone()), (namespace.clone(), twin(case), record)].map(Ok)
+        })
+    });
+    idempotency_store_postgres::import(&options, records, 0).await.unwrap();
+    let without_fencing = |stored: Option<(Record, Timestamp)>| {
+        stored.map(|(record, expires_at)| (Record { fencing_token: FencingToken(0), ..record }, expires_at))
+    };
+    for case in &cases {
+        let Command::Claim(claim) = &case.command else { unreachable!() };
+        let code: i16 = match store.claim(&namespace, &case.key, case.now, claim, false).await {
+            Ok(idempotency_core::domain::ClaimOutcome::Acquired(_)) => 1,
+            Ok(idempotency_core::domain::ClaimOutcome::InProgress { .. }) => 2,
+            Ok(idempotency_core::domain::ClaimOutcome::Completed(_)) => 3,
+            Err(StoreError::Rejected(Rejection::FingerprintMismatch)) => 10,
+            Err(other) => panic!("the store failed: {other}"),
+        };
+        let old = old_release
+            .query_one(
+                "SELECT code FROM claim($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, false)",
+                &[
+                    &namespace.as_str(),
+                    &twin(case).as_str(),
+                    &case.now.unix_millis(),
+                    &claim.fingerprint.as_bytes(),
+                    &(claim.lease_ttl.as_millis() as i64),
+                    &(claim.retention.as_millis() as i64),
+                    &claim.request_id.as_ref().map(RequestId::as_str),
+                    &claim.owner.as_str(),
+                    &claim.new_lease_token.as_uuid(),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(old.get::<_, i16>("code"), code, "outcome of {case:#?} (seed {seed})");
+        assert_eq!(
+            without_fencing(store.stored_record(&namespace, &twin(case)).await.unwrap()),
+            without_fencing(store.stored_record(&namespace, &case.key).await.unwrap()),
+            "stored record after {case:#?} (seed {seed})"
+        );
+    }
+    store.close().await.unwrap();
+}
