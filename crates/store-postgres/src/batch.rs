@@ -9,6 +9,10 @@
 //! running is sent at once, as before, and calls that arrive while one runs share the next one
 //! instead of each paying a round trip, a transaction and a commit flush.
 //!
+//! A batch held up in the database (a row locked by a long transaction elsewhere) must not hold
+//! up every other call of its kind: once the latest batch has run for [`STALLED`], a call that
+//! arrives starts another, up to [`MAX_RUNNING`] at a time.
+//!
 //! The rules are those of the single call: `claim_many` and `complete_many` apply each item
 //! through the same function, in (namespace, key) order, so that two batches lock the keys they
 //! share in the same order. A batch the database aborts for a deadlock or a serialization failure
@@ -17,10 +21,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use idempotency_core::store::{ErrorChain, StoreError};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 
 /// Batches of one kind running at a time. One: measured against two (BENCHMARKS.md, "Scaling
@@ -28,6 +34,11 @@ use tokio_postgres::error::SqlState;
 pub(crate) const RUNNING: usize = 1;
 /// The most items one batch takes.
 pub(crate) const MAX_ITEMS: usize = 64;
+/// How long the latest batch may run before a call that arrives starts another one (a batch
+/// takes a few milliseconds; one stuck on a lock can take up to the store's timeout).
+pub(crate) const STALLED: Duration = Duration::from_millis(50);
+/// The most batches of one kind running at a time, stalled ones included.
+pub(crate) const MAX_RUNNING: usize = 8;
 
 /// A statement failed; `alone` when its items may succeed if sent one at a time.
 pub(crate) struct Failed {
@@ -83,11 +94,13 @@ pub(crate) struct Queue<I: Batched> {
 struct QueueState<I: Batched> {
     waiting: Vec<(I, Reply<I>)>,
     running: usize,
+    /// When the latest batch was taken.
+    latest: Instant,
 }
 
 impl<I: Batched> Default for Queue<I> {
     fn default() -> Self {
-        Queue { inner: Mutex::new(QueueState { waiting: Vec::new(), running: 0 }) }
+        Queue { inner: Mutex::new(QueueState { waiting: Vec::new(), running: 0, latest: Instant::now() }) }
     }
 }
 
@@ -97,8 +110,12 @@ pub(crate) async fn submit<I: Batched>(state: &Arc<I::State>, item: I) -> Result
     let start = {
         let mut queue = I::queue(state).inner.lock();
         queue.waiting.push((item, reply));
-        let start = queue.running < RUNNING;
-        queue.running += usize::from(start);
+        let start = queue.running < RUNNING || (queue.running < MAX_RUNNING && queue.latest.elapsed() >= STALLED);
+        if start {
+            // The calls after this one wait for the batch it starts, unless that stalls too.
+            queue.running += 1;
+            queue.latest = Instant::now();
+        }
         start
     };
     if start {
@@ -120,6 +137,7 @@ async fn run_batches<I: Batched>(state: Arc<I::State>) {
                 return;
             }
             let count = queue.waiting.len().min(MAX_ITEMS);
+            queue.latest = Instant::now();
             queue.waiting.drain(..count).collect()
         };
         let (items, replies): (Vec<I>, Vec<Reply<I>>) = taken.into_iter().unzip();
@@ -178,8 +196,6 @@ fn shared(error: &StoreError) -> StoreError {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use tokio::sync::Semaphore;
 
     use super::*;
@@ -314,5 +330,40 @@ mod tests {
         let later = submit(&fake, Item(8)).await.unwrap();
         assert_eq!(later.1, 80);
         assert_eq!(*fake.sent.lock(), vec![vec![7], vec![8]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_stuck_in_the_database_does_not_hold_up_the_calls_after_it() {
+        let fake = Arc::new(Fake { gate: Some(Semaphore::new(0)), ..Fake::default() });
+        let stuck = tokio::spawn({
+            let fake = Arc::clone(&fake);
+            async move { submit(&fake, Item(1)).await }
+        });
+        while fake.sent.lock().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Within STALLED, a call waits for the running batch.
+        let early = tokio::spawn({
+            let fake = Arc::clone(&fake);
+            async move { submit(&fake, Item(2)).await }
+        });
+        tokio::time::sleep(STALLED + Duration::from_millis(20)).await;
+        assert_eq!(fake.sent.lock().len(), 1, "sent while the first batch ran: {:?}", fake.sent.lock());
+        // Past it, the next call starts a batch of its own (taking the one waiting with it).
+        let late = tokio::spawn({
+            let fake = Arc::clone(&fake);
+            async move { submit(&fake, Item(3)).await }
+        });
+        for _ in 0..1_000 {
+            if fake.sent.lock().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(*fake.sent.lock(), vec![vec![1], vec![2, 3]]);
+        fake.gate.as_ref().unwrap().add_permits(2);
+        assert_eq!(stuck.await.unwrap().unwrap().1, 10);
+        assert_eq!(early.await.unwrap().unwrap().1, 20);
+        assert_eq!(late.await.unwrap().unwrap().1, 30);
     }
 }

@@ -13,7 +13,9 @@ pub(crate) async fn postgres_schema() -> Option<(String, String)> {
 
 /// A call whose deadline passes while its row is locked in PostgreSQL (a slow transaction
 /// elsewhere) answers UNAVAILABLE STORE_UNAVAILABLE before the deadline, even though the store's
-/// own timeout (3 s) is longer; once the lock is gone the retry is applied.
+/// own timeout (3 s) is longer; once the lock is gone the retry is applied. Meanwhile a Complete
+/// of another key is not held up behind the stuck one (its batch stalled, so it goes in a batch
+/// of its own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_deadline_passes_on_a_locked_row_answers_unavailable() {
     let Some(backend) = Backend::postgres() else { return };
@@ -21,14 +23,24 @@ async fn a_call_whose_deadline_passes_on_a_locked_row_answers_unavailable() {
     let server = TestServer::start_on_with(backend, |config| config.postgres_timeout = Duration::from_secs(3)).await;
     let mut client = server.client().await;
     let grant = claim_acquired(&mut client, "locked").await;
+    let free = claim_acquired(&mut client, "free").await;
     let (url, schema) = (server.config.store.clone().unwrap(), server.config.postgres_schema.clone());
     let (mut locker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let transaction = locker.transaction().await.unwrap();
     transaction.execute(&format!("SELECT 1 FROM {schema}.records WHERE key = 'locked' FOR UPDATE"), &[]).await.unwrap();
-    let mut request = tonic::Request::new(complete_request("locked", &grant.lease_token, b"done"));
-    request.set_timeout(Duration::from_secs(1));
-    let status = client.complete(request).await.unwrap_err();
+    let mut stuck_client = client.clone();
+    let lease_token = grant.lease_token.clone();
+    let stuck = tokio::spawn(async move {
+        let mut request = tonic::Request::new(complete_request("locked", &lease_token, b"done"));
+        request.set_timeout(Duration::from_secs(1));
+        stuck_client.complete(request).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut request = tonic::Request::new(complete_request("free", &free.lease_token, b"done"));
+    request.set_timeout(Duration::from_millis(700));
+    client.complete(request).await.expect("a Complete of another key is not held up by the locked row");
+    let status = stuck.await.unwrap().unwrap_err();
     assert_eq!(
         (status.code(), status.get_details_error_info().map(|info| info.reason)),
         (tonic::Code::Unavailable, Some("STORE_UNAVAILABLE".to_owned())),
