@@ -950,6 +950,12 @@ async fn metrics_count_every_call(backend: Backend) {
         assert!(sample(&samples, "idempotency_postgres_pool_connections", &[("state", "idle")]) >= 1.0);
         assert_eq!(sample(&samples, "idempotency_postgres_pool_waiting", &[]), 0.0);
         assert_eq!(sample(&samples, "idempotency_postgres_listen_reconnects_total", &[]), 0.0);
+        // Every Claim and Complete went in some statement, alone or in a batch.
+        assert!(sample(&samples, "idempotency_postgres_batch_size_count", &[]) >= 1.0);
+        assert!(
+            sample(&samples, "idempotency_postgres_batch_size_sum", &[])
+                >= sample(&samples, "idempotency_postgres_batch_size_count", &[])
+        );
         assert_eq!(samples.iter().filter(|(name, ..)| name == "idempotency_postgres_clock_offset_seconds").count(), 1);
     }
     assert!(sample(&samples, "process_resident_memory_bytes", &[]) > 0.0);
