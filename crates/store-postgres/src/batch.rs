@@ -249,22 +249,20 @@ mod tests {
         }
     }
 
+    /// Submits `Item(n)` on a task of its own.
+    fn spawn_submit(fake: &Arc<Fake>, n: u32) -> tokio::task::JoinHandle<Result<(usize, u32), StoreError>> {
+        let fake = Arc::clone(fake);
+        tokio::spawn(async move { submit(&fake, Item(n)).await })
+    }
+
     /// Submits items 1..=count at once while the first statement is held, then lets it go.
     async fn submit_while_held(fake: Fake, count: u32) -> (Arc<Fake>, Vec<Result<(usize, u32), StoreError>>) {
         let fake = Arc::new(Fake { gate: Some(Semaphore::new(0)), ..fake });
-        let first = tokio::spawn({
-            let fake = Arc::clone(&fake);
-            async move { submit(&fake, Item(1)).await }
-        });
+        let first = spawn_submit(&fake, 1);
         while fake.sent.lock().is_empty() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let rest: Vec<_> = (2..=count)
-            .map(|n| {
-                let fake = Arc::clone(&fake);
-                tokio::spawn(async move { submit(&fake, Item(n)).await })
-            })
-            .collect();
+        let rest: Vec<_> = (2..=count).map(|n| spawn_submit(&fake, n)).collect();
         while fake.queue.inner.lock().waiting.len() < (count - 1) as usize {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -316,10 +314,7 @@ mod tests {
     #[tokio::test]
     async fn a_caller_that_goes_away_cancels_nothing() {
         let fake = Arc::new(Fake { gate: Some(Semaphore::new(0)), ..Fake::default() });
-        let caller = tokio::spawn({
-            let fake = Arc::clone(&fake);
-            async move { submit(&fake, Item(7)).await }
-        });
+        let caller = spawn_submit(&fake, 7);
         while fake.sent.lock().is_empty() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -335,25 +330,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_batch_stuck_in_the_database_does_not_hold_up_the_calls_after_it() {
         let fake = Arc::new(Fake { gate: Some(Semaphore::new(0)), ..Fake::default() });
-        let stuck = tokio::spawn({
-            let fake = Arc::clone(&fake);
-            async move { submit(&fake, Item(1)).await }
-        });
+        let stuck = spawn_submit(&fake, 1);
         while fake.sent.lock().is_empty() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         // Within STALLED, a call waits for the running batch.
-        let early = tokio::spawn({
-            let fake = Arc::clone(&fake);
-            async move { submit(&fake, Item(2)).await }
-        });
+        let early = spawn_submit(&fake, 2);
         tokio::time::sleep(STALLED + Duration::from_millis(20)).await;
         assert_eq!(fake.sent.lock().len(), 1, "sent while the first batch ran: {:?}", fake.sent.lock());
         // Past it, the next call starts a batch of its own (taking the one waiting with it).
-        let late = tokio::spawn({
-            let fake = Arc::clone(&fake);
-            async move { submit(&fake, Item(3)).await }
-        });
+        let late = spawn_submit(&fake, 3);
         for _ in 0..1_000 {
             if fake.sent.lock().len() == 2 {
                 break;
