@@ -177,7 +177,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         let request = request.into_inner();
         // Kept for counting a refused Claim in its namespace after the request is consumed.
         let namespace = request.namespace.clone();
-        let span = tracing::info_span!("claim", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
+        let span = tracing::debug_span!("claim", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
             if let Some(caller) = &caller {
@@ -247,7 +247,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         let _in_flight = self.guard.admit().map_err(|error| self.refused("Complete", "", error))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let span = tracing::info_span!("complete", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
+        let span = tracing::debug_span!("complete", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
             if let Some(caller) = &caller {
@@ -286,7 +286,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         let _in_flight = self.guard.admit().map_err(|error| self.refused("Renew", "", error))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let span = tracing::info_span!("renew", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
+        let span = tracing::debug_span!("renew", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
             if let Some(caller) = &caller {
@@ -322,7 +322,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         let _in_flight = self.guard.admit().map_err(|error| self.refused("Release", "", error))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let span = tracing::info_span!("release", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
+        let span = tracing::debug_span!("release", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Write)?;
             if let Some(caller) = &caller {
@@ -347,7 +347,7 @@ impl<S: Store> pb::coordinator_server::Coordinator for CoordinatorService<S> {
         let _in_flight = self.guard.admit().map_err(|error| self.refused("Lookup", "", error))?;
         let credentials = CallCredentials::of(&request);
         let request = request.into_inner();
-        let span = tracing::info_span!("lookup", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
+        let span = tracing::debug_span!("lookup", namespace = %request.namespace, key = %request.key, outcome = tracing::field::Empty, caller = tracing::field::Empty);
         async move {
             let caller = self.guard.authorize(&credentials, &request.namespace, Role::Read)?;
             if let Some(caller) = &caller {

@@ -265,6 +265,63 @@ fn a_corrupt_data_directory_stops_the_server_instead_of_starting_empty() {
 }
 
 /// The body stored for `key`: its name repeated to `size` bytes.
+/// Runs the binary with `RUST_LOG` set to `filter`, makes one flow on `key` and a replay of it,
+/// stops it, and returns everything it logged.
+async fn log_of_one_flow(filter: &str, key: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("server.log");
+    let mut child = Command::new(binary())
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", filter)
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("the binary starts");
+    let addr = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        if let Some(rest) = log.split("listen=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the server exited before serving:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}")).await.unwrap();
+    let grant = claim_acquired(&mut client, key).await;
+    client.complete(complete_request(key, &grant.lease_token, b"secret-body")).await.unwrap();
+    completed(client.claim(claim_request(key, b"fp")).await.unwrap().into_inner());
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        !log.contains("secret-body") && !log.contains(&grant.lease_token),
+        "a body or lease token was logged:\n{log}"
+    );
+    log
+}
+
+/// At the default level a call logs nothing (a per-call span would cost every call its
+/// formatting); at `debug` every call logs a line with its namespace, key and outcome, and
+/// never its body or lease token (README, `--log-format`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_logged_at_debug_with_namespace_key_and_outcome_and_not_at_info() {
+    let quiet = log_of_one_flow("info", "logged-at-info").await;
+    assert!(!quiet.contains("logged-at-info"), "a call was logged at info:\n{quiet}");
+    let log = log_of_one_flow("idempotency_coordinator=debug", "logged-at-debug").await;
+    let calls: Vec<&str> = log.lines().filter(|line| line.contains("key=logged-at-debug")).collect();
+    let logged = |call: &str, outcome: &str| {
+        calls.iter().any(|line| {
+            line.contains(&format!("{call}{{namespace=payments key=logged-at-debug"))
+                && line.contains(outcome)
+                && line.contains("answered")
+        })
+    };
+    assert!(logged("claim", "acquired"), "no debug line for the Claim:\n{log}");
+    assert!(logged("complete", "completed"), "no debug line for the Complete:\n{log}");
+    assert!(logged("claim", "replayed"), "no debug line for the replay:\n{log}");
+}
+
 fn body_of(key: &str, size: usize) -> Vec<u8> {
     key.bytes().cycle().take(size).collect()
 }
