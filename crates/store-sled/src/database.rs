@@ -14,7 +14,8 @@ use crate::fencing::FENCING_RESERVATION;
 use crate::fencing::FencingCounter;
 use crate::group_commit::{FlushStats, GroupCommit};
 use crate::layout::{
-    BODY_APART, Body, INDEX_PREFIX, RECORD_PREFIX, body_key, decode_stored, expiry_bucket, index_key, namespace_of,
+    BODY_APART, Body, INDEX_PREFIX, RECORD_PREFIX, body_key, decode_stored, expiry_bucket, filed_at, index_key,
+    namespace_of,
 };
 use crate::store::{Durability, FlushWrapper, OpenError, SledOptions};
 use crate::unavailable;
@@ -168,11 +169,13 @@ impl OpenDatabase {
         previous: Option<&Record>,
         mut record: Record,
     ) -> Result<(), StoreError> {
-        let expires_at = record.expires_at();
-        let previous_expiry =
-            previous.map(Record::expires_at).filter(|previous| expiry_bucket(*previous) != expiry_bucket(expires_at));
-        if previous.is_none() || previous_expiry.is_some() {
-            self.db.insert(index_key(expires_at, record_key), &[]).map_err(unavailable)?;
+        let entry = index_key(filed_at(&record), record_key);
+        let previous_entry = match previous {
+            Some(previous) => Some(self.entry_of(record_key, previous)?),
+            None => None,
+        };
+        if previous_entry.as_ref() != Some(&entry) {
+            self.db.insert(entry.as_slice(), &[]).map_err(unavailable)?;
         }
         let value = match &mut record.state {
             RecordState::Completed { response, .. } => {
@@ -185,10 +188,18 @@ impl OpenDatabase {
             RecordState::Held(_) | RecordState::Released { .. } => record.encode(),
         };
         self.db.insert(record_key, value).map_err(unavailable)?;
-        if let Some(previous_expiry) = previous_expiry {
-            self.db.remove(index_key(previous_expiry, record_key)).map_err(unavailable)?;
+        if let Some(previous_entry) = previous_entry.filter(|previous_entry| *previous_entry != entry) {
+            self.db.remove(previous_entry).map_err(unavailable)?;
         }
         Ok(())
+    }
+
+    /// Where `record`'s index entry is: under its filing time, unless a sweep filed it again
+    /// under its expiry (or a release that filed records by their expiry wrote it).
+    fn entry_of(&self, record_key: &[u8], record: &Record) -> Result<Vec<u8>, StoreError> {
+        let filed = index_key(filed_at(record), record_key);
+        let at_expiry = index_key(record.expires_at(), record_key);
+        if filed == at_expiry || self.db.contains_key(&filed).map_err(unavailable)? { Ok(filed) } else { Ok(at_expiry) }
     }
 
     /// Applies one entry of the write-ahead log to sled again (see [`crate::wal`]).
@@ -226,6 +237,7 @@ impl OpenDatabase {
         self.db.remove(record_key).map_err(unavailable)?;
         self.db.remove(body_key(record_key)).map_err(unavailable)?;
         if let Some(record) = record {
+            self.db.remove(index_key(filed_at(&record), record_key)).map_err(unavailable)?;
             self.db.remove(index_key(record.expires_at(), record_key)).map_err(unavailable)?;
         }
         self.records.fetch_sub(1, Ordering::SeqCst);
@@ -255,10 +267,13 @@ impl OpenDatabase {
     }
 
     /// Deletes up to `batch` index entries that are due at `now`: expired records with their
-    /// entries, and stale entries alone. Blocking; the caller keeps it off the async workers.
+    /// entries, and stale entries alone; the entry of a held record whose lease outlived its
+    /// filing time moves to the record's expiry. Blocking; the caller keeps it off the async
+    /// workers.
     ///
     /// `reach` says how far it looks. [`SweepReach::Due`] (the sweeper) stops at `now`: every
-    /// bucket before it holds only expired records. [`SweepReach::CurrentSecond`] (a full store
+    /// bucket before it holds only expired records and held ones it files again, so no entry is
+    /// met twice. [`SweepReach::CurrentSecond`] (a full store
     /// making room) also looks into the bucket of the second that `now` falls in, where records
     /// that expired a moment ago sit beside ones that have not, and leaves the latter alone.
     pub(crate) fn sweep(
@@ -294,14 +309,16 @@ impl OpenDatabase {
             };
             match self.read(record_key, Body::Skip) {
                 Ok(Some(record)) => {
-                    let own_entry = index_key(record.expires_at(), record_key);
-                    if own_entry != *entry {
+                    let filed = index_key(filed_at(&record), record_key);
+                    let at_expiry = index_key(record.expires_at(), record_key);
+                    if *entry != filed && *entry != at_expiry {
                         // A stale entry. The record's own entry is normally there already; it is
-                        // missing only for records whose expiry a later release computes
-                        // differently (a held record is now kept a retention after its lease),
-                        // and then it is filed where the record now expires.
-                        if !self.db.contains_key(&own_entry).map_err(unavailable)? {
-                            self.db.insert(own_entry, &[]).map_err(unavailable)?;
+                        // missing only for records whose filing a later release computes
+                        // differently, and then it is filed where the record now expires.
+                        if !self.db.contains_key(&filed).map_err(unavailable)?
+                            && !self.db.contains_key(&at_expiry).map_err(unavailable)?
+                        {
+                            self.db.insert(at_expiry, &[]).map_err(unavailable)?;
                         }
                     } else if record.is_expired(now) {
                         // The record goes first, then its body, then the entry: a crash in between
@@ -311,8 +328,12 @@ impl OpenDatabase {
                         self.records.fetch_sub(1, Ordering::SeqCst);
                         self.count_namespace(record_key, -1);
                         report.deleted += 1;
+                    } else if *entry != at_expiry && at_expiry.as_slice() > end.as_slice() {
+                        // A held key whose lease outlived its filing time: filed again under its
+                        // expiry, so that sweeps do not meet it again before then.
+                        self.db.insert(at_expiry, &[]).map_err(unavailable)?;
                     } else {
-                        // Only in the current second's bucket: not expired yet, so it stays indexed.
+                        // Not expired yet, in the current second's bucket: it stays indexed.
                         continue;
                     }
                 }

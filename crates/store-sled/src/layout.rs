@@ -12,8 +12,9 @@
 //! - `b` + namespace length + namespace + key → the response body of the record under `r` + the
 //!   same bytes, while that record is completed (a body may outlive its record's completion until
 //!   the record is swept or completed again, but it is only read through a `B` record);
-//! - `x` + expiry bucket (8 bytes: expires_at rounded up to the second) + the record's key →
-//!   nothing: the expiry index, oldest first;
+//! - `x` + bucket (8 bytes: a time rounded up to the second) + the record's key → nothing: the
+//!   expiry index, oldest first. A record is filed under [`filed_at`], a retention after its last
+//!   change, or, once a sweep has met a held record there before it expired, under its expiry;
 //! - `m:fencing-reserved` → the fencing token below which this process may hand out tokens.
 //!
 //! Why bodies are kept apart from their records: sled appends each change to its log as a
@@ -111,13 +112,22 @@ pub(crate) fn parse_record_key(bytes: &[u8]) -> Option<(Namespace, Key)> {
     Some((namespace, key))
 }
 
-/// The index files a record under its expiry rounded up to the whole second. A Claim and its
-/// Complete usually fall in the same second, so the Complete need not move the entry (two sled
-/// writes fewer per flow). A record is then swept up to a second after it expired; calls treat it
-/// as absent from its exact expiry on, as always.
+/// The index files a record under [`filed_at`] rounded up to the whole second: a bucket. A Claim
+/// and its Complete usually fall in the same second, so the Complete need not move the entry (two
+/// sled writes fewer per flow). A record is then swept up to a second after it expired; calls
+/// treat it as absent from its exact expiry on, as always.
 pub(crate) fn expiry_bucket(expires_at: Timestamp) -> i64 {
     let millis = expires_at.unix_millis();
     millis.saturating_add(999).div_euclid(1000).saturating_mul(1000)
+}
+
+/// When the index files a record: a retention after its last change. That is its expiry, but for
+/// a held key, which expires a retention after its lease ends: filing it by its expiry would move
+/// its entry on every Complete, by the lease's length. A sweep that meets a held record's entry
+/// before the record expires files it again under its expiry, so a record's entry is at one of
+/// [`filed_at`]'s and [`Record::expires_at`]'s buckets, never earlier than `filed_at`'s.
+pub(crate) fn filed_at(record: &Record) -> Timestamp {
+    record.updated_at.plus(record.retention())
 }
 
 pub(crate) fn index_key(expires_at: Timestamp, record_key: &[u8]) -> Vec<u8> {

@@ -23,7 +23,9 @@
 //!   against every other call (sled's directory lock keeps other processes out). Stripe locks
 //!   are held only around in-memory sled calls, never across an await or a group-commit flush
 //!   (the exception: a fencing reservation's flush, once per 2^20 grants).
-//! - Every record has an index entry at its expiry bucket, which is never earlier than its expiry. Writes add the new entry before the
+//! - Every record has an index entry, under its filing time (a retention after its last change,
+//!   so that a Complete in the Claim's second leaves the entry where it is) or, for a held record
+//!   a sweep met before its lease ended, under its expiry; never in a bucket after its expiry's. Writes add the new entry before the
 //!   record and drop the old one after, sweeps drop the record before its entry, so a crash
 //!   leaves at most stale entries (which sweeping drops), never a record that is not indexed
 //!   (a sweep drops the entry of a record it cannot decode, leaving the record for an operator).

@@ -857,7 +857,7 @@ mod tests {
         let record_key = record_key(&namespace, &key);
         let inner = store.inner().unwrap();
         let record = inner.read(&record_key, Body::Load).unwrap().unwrap();
-        inner.db.remove(index_key(record.expires_at(), &record_key)).unwrap();
+        inner.db.remove(index_key(crate::layout::filed_at(&record), &record_key)).unwrap();
         inner.db.insert(index_key(Timestamp::from_unix_millis(NOW.unix_millis() + 30_000), &record_key), &[]).unwrap();
         drop(inner);
         // Sweeping past the old entry keeps the record (it expires at NOW + 31 s) and files it again.
@@ -866,6 +866,62 @@ mod tests {
         assert_eq!(store.lookup(&namespace, &key, between).await.unwrap().attempt, 1);
         let later = Timestamp::from_unix_millis(NOW.unix_millis() + 31_000);
         assert_eq!(store.sweep(later, 100).await.unwrap().deleted, 1);
+        assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
+        store.close().await.unwrap();
+    }
+
+    /// The expiry index's entries, in order.
+    fn index_entries(store: &SledStore) -> Vec<Vec<u8>> {
+        stored_keys(store).into_iter().filter(|key| key[0] == crate::layout::INDEX_PREFIX).collect()
+    }
+
+    #[tokio::test]
+    async fn a_complete_in_the_claims_second_leaves_the_index_entry_where_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_at(dir.path());
+        let namespace = Namespace::parse("ns").unwrap();
+        let key = Key::parse("flow").unwrap();
+        let at = |millis: i64| Timestamp::from_unix_millis(NOW.unix_millis() + millis);
+        let claim = claim_command(Duration::from_secs(60));
+        store.claim(&namespace, &key, at(100), &claim, false).await.unwrap();
+        let after_claim = index_entries(&store);
+        // Filed a retention after the Claim (in the bucket of second 61), not a retention after
+        // its 30 s lease ends.
+        let record_key = record_key(&namespace, &key);
+        assert_eq!(after_claim, vec![index_key(at(60_100), &record_key)]);
+        let complete = Complete { lease_token: claim.new_lease_token, response: response(b"body"), retention: None };
+        store.complete(&namespace, &key, at(400), complete).await.unwrap();
+        assert_eq!(index_entries(&store), after_claim, "the Complete moved the entry");
+        // And the record is swept once it expires, not before.
+        assert_eq!(store.sweep(at(60_399), 100).await.unwrap().deleted, 0);
+        assert_eq!(store.sweep(at(61_000), 100).await.unwrap().deleted, 1);
+        assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_held_key_whose_lease_outlives_its_filing_is_filed_again_once_and_kept_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_at(dir.path());
+        let namespace = Namespace::parse("ns").unwrap();
+        let key = Key::parse("long-lease").unwrap();
+        let record_key = record_key(&namespace, &key);
+        // Retention 10 s, lease 30 s: filed at NOW + 10 s, expires at NOW + 40 s.
+        let claim = claim_command(Duration::from_secs(10));
+        store.claim(&namespace, &key, NOW, &claim, false).await.unwrap();
+        let at = |millis: i64| Timestamp::from_unix_millis(NOW.unix_millis() + millis);
+        let report = store.sweep(at(20_000), 100).await.unwrap();
+        assert_eq!((report.scanned, report.deleted), (1, 0));
+        assert_eq!(index_entries(&store), vec![index_key(at(40_000), &record_key)]);
+        // Filed under its expiry: the next sweeps do not meet it again before then.
+        assert_eq!(store.sweep(at(25_000), 100).await.unwrap().scanned, 0);
+        assert_eq!(store.lookup(&namespace, &key, at(25_000)).await.unwrap().attempt, 1);
+        // A Complete within the lease moves the entry from where the sweep put it.
+        let complete = Complete { lease_token: claim.new_lease_token, response: response(b"late"), retention: None };
+        store.complete(&namespace, &key, at(26_000), complete).await.unwrap();
+        assert_eq!(index_entries(&store), vec![index_key(at(36_000), &record_key)]);
+        assert_eq!(store.sweep(at(35_000), 100).await.unwrap().deleted, 0);
+        assert_eq!(store.sweep(at(36_000), 100).await.unwrap().deleted, 1);
         assert_eq!(stored_keys(&store), Vec::<Vec<u8>>::new());
         store.close().await.unwrap();
     }
