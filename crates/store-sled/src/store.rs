@@ -846,15 +846,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_record_indexed_under_an_older_expiry_rule_is_filed_again_not_lost() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open_at(dir.path());
-        let namespace = Namespace::parse("ns").unwrap();
-        let key = Key::parse("held").unwrap();
+        let (_dir, store, namespace, key, record_key) = fresh_store_for("held");
         let claim = claim_command(Duration::from_secs(1));
         store.claim(&namespace, &key, NOW, &claim, false).await.unwrap();
         // What a store written by a release that kept held records only until their lease ended
         // holds: the record's entry at the lease's end (NOW + 30 s) instead of a retention later.
-        let record_key = record_key(&namespace, &key);
         let inner = store.inner().unwrap();
         let record = inner.read(&record_key, Body::Load).unwrap().unwrap();
         inner.db.remove(index_key(crate::layout::filed_at(&record), &record_key)).unwrap();
@@ -870,6 +866,16 @@ mod tests {
         store.close().await.unwrap();
     }
 
+    /// A store in a fresh directory, and `key` in namespace `ns` with its record key.
+    fn fresh_store_for(key: &str) -> (tempfile::TempDir, SledStore, Namespace, Key, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_at(dir.path());
+        let namespace = Namespace::parse("ns").unwrap();
+        let key = Key::parse(key).unwrap();
+        let record_key = record_key(&namespace, &key);
+        (dir, store, namespace, key, record_key)
+    }
+
     /// The expiry index's entries, in order.
     fn index_entries(store: &SledStore) -> Vec<Vec<u8>> {
         stored_keys(store).into_iter().filter(|key| key[0] == crate::layout::INDEX_PREFIX).collect()
@@ -877,17 +883,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_complete_in_the_claims_second_leaves_the_index_entry_where_it_is() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open_at(dir.path());
-        let namespace = Namespace::parse("ns").unwrap();
-        let key = Key::parse("flow").unwrap();
+        let (_dir, store, namespace, key, record_key) = fresh_store_for("flow");
         let at = |millis: i64| Timestamp::from_unix_millis(NOW.unix_millis() + millis);
         let claim = claim_command(Duration::from_secs(60));
         store.claim(&namespace, &key, at(100), &claim, false).await.unwrap();
         let after_claim = index_entries(&store);
         // Filed a retention after the Claim (in the bucket of second 61), not a retention after
         // its 30 s lease ends.
-        let record_key = record_key(&namespace, &key);
         assert_eq!(after_claim, vec![index_key(at(60_100), &record_key)]);
         let complete = Complete { lease_token: claim.new_lease_token, response: response(b"body"), retention: None };
         store.complete(&namespace, &key, at(400), complete).await.unwrap();
@@ -901,11 +903,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_key_whose_lease_outlives_its_filing_is_filed_again_once_and_kept_until_it_expires() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open_at(dir.path());
-        let namespace = Namespace::parse("ns").unwrap();
-        let key = Key::parse("long-lease").unwrap();
-        let record_key = record_key(&namespace, &key);
+        let (_dir, store, namespace, key, record_key) = fresh_store_for("long-lease");
         // Retention 10 s, lease 30 s: filed at NOW + 10 s, expires at NOW + 40 s.
         let claim = claim_command(Duration::from_secs(10));
         store.claim(&namespace, &key, NOW, &claim, false).await.unwrap();
