@@ -264,36 +264,16 @@ fn a_corrupt_data_directory_stops_the_server_instead_of_starting_empty() {
     assert_eq!(std::fs::read(data.join("conf")).unwrap(), b"this is not sled's configuration", "it overwrote the data");
 }
 
-/// The body stored for `key`: its name repeated to `size` bytes.
 /// Runs the binary with `RUST_LOG` set to `filter`, makes one flow on `key` and a replay of it,
 /// stops it, and returns everything it logged.
 async fn log_of_one_flow(filter: &str, key: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("server.log");
-    let mut child = Command::new(binary())
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", filter)
-        .env("NO_COLOR", "1")
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .expect("the binary starts");
-    let addr = loop {
-        let log = std::fs::read_to_string(&log_path).unwrap();
-        if let Some(rest) = log.split("listen=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the server exited before serving:\n{log}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let mut client = pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}")).await.unwrap();
+    let server = ChildServer::start_logging(&dir.path().join("data"), &[], filter);
+    let mut client = server.client().await;
     let grant = claim_acquired(&mut client, key).await;
     client.complete(complete_request(key, &grant.lease_token, b"secret-body")).await.unwrap();
     completed(client.claim(claim_request(key, b"fp")).await.unwrap().into_inner());
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    assert!(child.wait().unwrap().success());
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let log = server.stop_and_log();
     assert!(
         !log.contains("secret-body") && !log.contains(&grant.lease_token),
         "a body or lease token was logged:\n{log}"
@@ -322,6 +302,7 @@ async fn calls_are_logged_at_debug_with_namespace_key_and_outcome_and_not_at_inf
     assert!(logged("claim", "replayed"), "no debug line for the replay:\n{log}");
 }
 
+/// The body stored for `key`: its name repeated to `size` bytes.
 fn body_of(key: &str, size: usize) -> Vec<u8> {
     key.bytes().cycle().take(size).collect()
 }

@@ -170,10 +170,7 @@ impl OpenDatabase {
         mut record: Record,
     ) -> Result<(), StoreError> {
         let entry = index_key(filed_at(&record), record_key);
-        let previous_entry = match previous {
-            Some(previous) => Some(self.entry_of(record_key, previous)?),
-            None => None,
-        };
+        let previous_entry = previous.map(|previous| self.entry_of(record_key, previous)).transpose()?;
         if previous_entry.as_ref() != Some(&entry) {
             self.db.insert(entry.as_slice(), &[]).map_err(unavailable)?;
         }
@@ -237,8 +234,13 @@ impl OpenDatabase {
         self.db.remove(record_key).map_err(unavailable)?;
         self.db.remove(body_key(record_key)).map_err(unavailable)?;
         if let Some(record) = record {
-            self.db.remove(index_key(filed_at(&record), record_key)).map_err(unavailable)?;
-            self.db.remove(index_key(record.expires_at(), record_key)).map_err(unavailable)?;
+            // Both places its entry may be (see `entry_of`).
+            let filed = index_key(filed_at(&record), record_key);
+            let at_expiry = index_key(record.expires_at(), record_key);
+            self.db.remove(&filed).map_err(unavailable)?;
+            if at_expiry != filed {
+                self.db.remove(at_expiry).map_err(unavailable)?;
+            }
         }
         self.records.fetch_sub(1, Ordering::SeqCst);
         self.count_namespace(record_key, -1);
@@ -273,9 +275,9 @@ impl OpenDatabase {
     ///
     /// `reach` says how far it looks. [`SweepReach::Due`] (the sweeper) stops at `now`: every
     /// bucket before it holds only expired records and held ones it files again, so no entry is
-    /// met twice. [`SweepReach::CurrentSecond`] (a full store
-    /// making room) also looks into the bucket of the second that `now` falls in, where records
-    /// that expired a moment ago sit beside ones that have not, and leaves the latter alone.
+    /// met twice. [`SweepReach::CurrentSecond`] (a full store making room) also looks into the
+    /// bucket of the second that `now` falls in, where records that expired a moment ago sit
+    /// beside ones that have not, and leaves the latter alone.
     pub(crate) fn sweep(
         &self,
         now: Timestamp,

@@ -25,10 +25,11 @@
 //!   (the exception: a fencing reservation's flush, once per 2^20 grants).
 //! - Every record has an index entry, under its filing time (a retention after its last change,
 //!   so that a Complete in the Claim's second leaves the entry where it is) or, for a held record
-//!   a sweep met before its lease ended, under its expiry; never in a bucket after its expiry's. Writes add the new entry before the
-//!   record and drop the old one after, sweeps drop the record before its entry, so a crash
-//!   leaves at most stale entries (which sweeping drops), never a record that is not indexed
-//!   (a sweep drops the entry of a record it cannot decode, leaving the record for an operator).
+//!   a sweep met before its lease ended, under its expiry; never in a bucket after its expiry's.
+//!   Writes add the new entry before the record and drop the old one after, sweeps drop the
+//!   record before its entry, so a crash leaves at most stale entries (which sweeping drops),
+//!   never a record that is not indexed (a sweep drops the entry of a record it cannot decode,
+//!   leaving the record for an operator).
 //! - A `B` record's body is written before the record and deleted after it (and before the index
 //!   entry), so a completed record never lacks its body. A body that no record refers to (a
 //!   Complete cut short by a crash, a completed key claimed again after it expired) is

@@ -350,6 +350,10 @@ pub fn binary() -> std::path::PathBuf {
 pub struct ChildServer {
     pub child: Child,
     pub addr: String,
+    /// Every line it has logged so far, read on a thread of its own so that the child never
+    /// blocks on a full pipe.
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ChildServer {
@@ -359,12 +363,17 @@ impl ChildServer {
 
     /// Starts the binary on `data_dir` with extra flags.
     pub fn start_with(data_dir: &Path, flags: &[&str]) -> ChildServer {
+        Self::start_logging(data_dir, flags, "info")
+    }
+
+    /// Starts the binary on `data_dir` with extra flags and `RUST_LOG` set to `filter`.
+    pub fn start_logging(data_dir: &Path, flags: &[&str], filter: &str) -> ChildServer {
         let mut child = Command::new(binary())
             .args(if flags.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] })
             .arg("--data-dir")
             .arg(data_dir)
             .args(flags)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
             .spawn()
@@ -378,14 +387,32 @@ impl ChildServer {
                 panic!("the server exited ({status}) before serving:\n{}", seen.join("\n"));
             };
             let line = line.unwrap();
-            if let Some(rest) = line.split("listen=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
+            let addr = line.split("listen=").nth(1).map(|rest| rest.split_whitespace().next().unwrap().to_owned());
             seen.push(line);
+            if let Some(addr) = addr {
+                break addr;
+            }
         };
-        // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        ChildServer { child, addr }
+        let log = Arc::new(std::sync::Mutex::new(seen));
+        let kept = Arc::clone(&log);
+        let reader = std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
+        ChildServer { child, addr, log, reader: Some(reader) }
+    }
+
+    /// Stops the server with SIGINT, asserts that it exits cleanly, and returns everything it
+    /// logged.
+    pub fn stop_and_log(mut self) -> String {
+        self.signal("-INT");
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the server exited with {status}");
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        self.log.lock().unwrap().join("\n")
     }
 
     pub async fn client(&self) -> pb::coordinator_client::CoordinatorClient<tonic::transport::Channel> {
